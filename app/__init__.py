@@ -1,0 +1,100 @@
+"""Workspace Chat: a multi-tenant, real-time chat server on Flask and Flask-SocketIO."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+from flask import Flask
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from app.config import Defaults, database_url, from_env
+
+__all__ = ["create_app"]
+
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "migrations")
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL + synchronous=NORMAL: a commit no longer stalls the event loop for a full fsync;
+    # foreign_keys=ON: SQLite otherwise ignores ON DELETE CASCADE.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def _configure_logging(app: Flask) -> None:
+    level = getattr(logging, app.config.get("LOG_LEVEL", "INFO"), logging.INFO)
+    app.logger.setLevel(level)
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app: config, extensions, blueprints, CLI and error handlers."""
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_object(Defaults)
+    app.config.update(from_env(os.environ, app.instance_path))
+    if config:
+        app.config.update(config)
+        if "DATABASE_URL" in config:
+            app.config["SQLALCHEMY_DATABASE_URI"] = database_url(config["DATABASE_URL"],
+                                                                 app.instance_path)
+    if app.config.get("REDIS_URL") and "RATELIMIT_STORAGE_URI" not in (config or {}):
+        app.config["RATELIMIT_STORAGE_URI"] = app.config["REDIS_URL"]
+    os.makedirs(app.instance_path, exist_ok=True)
+    _configure_logging(app)
+
+    from app.extensions import api, db, limiter, migrate, socketio
+    from app.errors import register_error_handlers
+    from app.metrics import Metrics
+    from app.schemas import ErrorSchema
+
+    db.init_app(app)
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        with app.app_context():
+            event.listen(db.engine, "connect", _sqlite_pragmas)
+    migrate.init_app(app, db, directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True)
+    limiter.init_app(app)
+    Metrics(app)
+    socketio.init_app(
+        app,
+        async_mode=app.config["ASYNC_MODE"],
+        message_queue=app.config.get("REDIS_URL"),
+        cors_allowed_origins=app.config["CORS_ORIGINS"] or None,
+        http_compression=False,
+        websocket_compression=app.config["WS_COMPRESSION"],
+    )
+    if app.config["CORS_ORIGINS"]:
+        from flask_cors import CORS
+
+        CORS(app, resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]},
+                             r"/chat": {"origins": app.config["CORS_ORIGINS"]}},
+             expose_headers=["X-RateLimit-Limit", "X-RateLimit-Remaining",
+                             "X-RateLimit-Reset", "Retry-After"])
+
+    api.ERROR_SCHEMA = ErrorSchema
+    api.init_app(app, spec_kwargs={"security": [{"ApiKey": []}], "components": {"securitySchemes": {
+        "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "AdminToken": {"type": "http", "scheme": "bearer"},
+    }}})
+    from app.admin.routes import bp as admin_bp
+    from app.chat.routes import bp as chats_bp, chat_bp
+    from app.workspaces.routes import bp as workspaces_bp
+
+    for bp in (workspaces_bp, chats_bp, chat_bp):
+        api.register_blueprint(bp)
+    api.register_blueprint(admin_bp)
+
+    from app.health import bp as health_bp
+    from app.admin.cli import demo_cli, tenants_cli
+
+    app.register_blueprint(health_bp)
+    app.register_blueprint(tenants_cli)
+    app.register_blueprint(demo_cli)
+    limiter.exempt(health_bp)
+    register_error_handlers(app)
+    return app

@@ -1,0 +1,1 @@
+"""Operators: the admin API and the command line."""

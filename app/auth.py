@@ -1,0 +1,107 @@
+"""API key -> tenant, and the admin token."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from flask import current_app, g, request
+from flask_limiter.util import get_remote_address
+
+from app.errors import ApiError
+from app.extensions import db
+from app.models import ApiKey, Tenant, utcnow
+
+API_KEY_HEADER = "X-API-Key"
+
+
+def generate_api_key() -> str:
+    """A new random API key, as shown once to its owner."""
+    return "wc_" + secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str) -> str:
+    """The stored form of an API key (keys are random, so a plain SHA-256 suffices)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def create_api_key(tenant: Tenant) -> tuple[ApiKey, str]:
+    """Add a new key to a tenant; returns the row and the plain key (never stored)."""
+    key = generate_api_key()
+    row = ApiKey(tenant=tenant, key_hash=hash_api_key(key), prefix=key[:10])
+    db.session.add(row)
+    return row, key
+
+
+def create_tenant(name: str) -> tuple[Tenant, str]:
+    """Create a tenant with its first API key; returns the tenant and the plain key."""
+    tenant = Tenant(name=name)
+    db.session.add(tenant)
+    _, key = create_api_key(tenant)
+    db.session.commit()
+    return tenant, key
+
+
+def tenant_for_api_key(key: str | None) -> Tenant | None:
+    """The tenant owning an unrevoked API key, or None."""
+    if not key:
+        return None
+    row = db.session.execute(
+        db.select(ApiKey).where(ApiKey.key_hash == hash_api_key(key),
+                                ApiKey.revoked_at.is_(None))
+    ).scalar_one_or_none()
+    return row.tenant if row is not None else None
+
+
+def _lookup_request_tenant() -> Tenant | None:
+    if "tenant_lookup" not in g:
+        g.tenant_lookup = tenant_for_api_key(request.headers.get(API_KEY_HEADER))
+    return g.tenant_lookup
+
+
+def current_tenant() -> Tenant:
+    """The tenant of this request's X-API-Key, or an ApiError 401."""
+    if not request.headers.get(API_KEY_HEADER):
+        raise ApiError("missing_api_key", f"Send your API key in the {API_KEY_HEADER} header.")
+    tenant = _lookup_request_tenant()
+    if tenant is None:
+        raise ApiError("invalid_api_key", "The API key is not valid.")
+    return tenant
+
+
+def require_api_key() -> None:
+    """before_request hook of the tenant-scoped blueprints."""
+    g.tenant = current_tenant()
+
+
+def rate_limit_key() -> str:
+    """Flask-Limiter key: the tenant when the key is valid, else the client address."""
+    tenant = _lookup_request_tenant() if request.headers.get(API_KEY_HEADER) else None
+    if tenant is not None:
+        return f"tenant:{tenant.id}"
+    return f"addr:{get_remote_address()}"
+
+
+def rest_rate_limit() -> str:
+    """The REST limit in force (configurable with RATE_LIMIT_REST)."""
+    return current_app.config["RATE_LIMIT_REST"]
+
+
+def require_admin() -> None:
+    """before_request hook of the admin API: 404 unless ADMIN_TOKEN is set, then a Bearer check."""
+    token = current_app.config.get("ADMIN_TOKEN")
+    if not token:
+        raise ApiError("not_found")
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise ApiError("missing_api_key", "Send 'Authorization: Bearer <ADMIN_TOKEN>'.")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError("invalid_api_key", "The admin token is not valid.")
+
+
+def revoke_api_key(key: ApiKey) -> None:
+    """Revoke a key; it stops working at once."""
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    db.session.commit()

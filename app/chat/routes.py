@@ -1,0 +1,77 @@
+"""REST routes for chats and their history, and the /chat blueprint's create."""
+from flask import g
+
+from app.api import tenant_blueprint
+from app.chat import service
+from app.pagination import PaginationArgs
+from app.schemas import (ChatCreateSchema, ChatPageSchema, ChatSchema,
+                         ConnectionStringRequestSchema, ConnectionStringSchema,
+                         MessageListArgs, MessagePageSchema)
+from app.users import require_valid_user_id
+
+bp = tenant_blueprint("chats", __name__, "/api/v1/chats", "Chats and their message history.")
+chat_bp = tenant_blueprint("chat", __name__, "/chat",
+                           "The /chat blueprint: create a chat in a workspace the user owns.")
+
+
+def _create(body):
+    return service.create_chat(g.tenant, body["user_id"], body.get("workspace_id"),
+                               body.get("title"), body.get("metadata"))
+
+
+@bp.route("/", methods=["POST"])
+@bp.arguments(ChatCreateSchema)
+@bp.response(201, ChatSchema)
+def create_chat(body):
+    """Create a chat in a workspace the user owns (default: their "Personal" workspace)."""
+    return _create(body)
+
+
+@chat_bp.route("", methods=["POST"])
+@chat_bp.arguments(ChatCreateSchema)
+@chat_bp.response(201, ChatSchema)
+def create_chat_via_chat_blueprint(body):
+    """Create a chat (same as `POST /api/v1/chats/`)."""
+    return _create(body)
+
+
+@bp.route("/user/<user_id>", methods=["GET"])
+@bp.arguments(PaginationArgs, location="query")
+@bp.response(200, ChatPageSchema)
+def list_user_chats(args, user_id):
+    """The chats a user created, oldest first."""
+    require_valid_user_id(user_id)
+    return service.list_user_chats(g.tenant, user_id, args["offset"], args["limit"])
+
+
+@bp.route("/<chat_id>", methods=["GET"])
+@bp.response(200, ChatSchema)
+def get_chat(chat_id):
+    """One chat."""
+    return service.get_chat(g.tenant, chat_id)
+
+
+@bp.route("/<chat_id>/messages", methods=["GET"])
+@bp.arguments(MessageListArgs, location="query")
+@bp.response(200, MessagePageSchema)
+def list_messages(args, chat_id):
+    """A page of the chat's history; `after_id`/`before_id` bound it, `order` sorts it."""
+    chat = service.get_chat(g.tenant, chat_id)
+    return service.list_messages(chat, args["offset"], args["limit"], args["order"],
+                                 args.get("after_id"), args.get("before_id"))
+
+
+@bp.route("/<chat_id>", methods=["DELETE"])
+@bp.response(204)
+def delete_chat(chat_id):
+    """Delete a chat and its messages."""
+    service.delete_chat(service.get_chat(g.tenant, chat_id))
+
+
+@bp.route("/<chat_id>/connection-string", methods=["POST"])
+@bp.arguments(ConnectionStringRequestSchema)
+@bp.response(200, ConnectionStringSchema)
+def connection_string(body, chat_id):
+    """A signed, time-limited connection string for the chat's owner or a member."""
+    chat = service.get_chat(g.tenant, chat_id)
+    return service.connection_string_for(g.tenant, chat, body["user_id"])

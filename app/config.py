@@ -1,0 +1,87 @@
+"""Configuration, read from the environment in one place."""
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any, Mapping
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise RuntimeError(f"{name} must be an integer, got {value!r}") from exc
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    value = env.get(name)
+    if value in (None, ""):
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def database_url(value: str | None, instance_path: str) -> str:
+    """The SQLAlchemy URL for DATABASE_URL; Heroku's ``postgres://`` becomes ``postgresql://``."""
+    if not value:
+        return "sqlite:///" + os.path.join(instance_path, "workspace_chat.db")
+    if value.startswith("postgres://"):
+        value = "postgresql://" + value[len("postgres://"):]
+    return value
+
+
+def from_env(env: Mapping[str, str], instance_path: str) -> dict[str, Any]:
+    """Build the app's configuration mapping from environment variables."""
+    production = env.get("APP_ENV", "development").strip().lower() == "production"
+    secret_key = env.get("SECRET_KEY")
+    if not secret_key:
+        if production:
+            raise RuntimeError("SECRET_KEY must be set when APP_ENV=production")
+        secret_key = secrets.token_urlsafe(32)
+    fallbacks = [k.strip() for k in env.get("SECRET_KEY_FALLBACKS", "").split(",") if k.strip()]
+    cors = [o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()]
+    async_mode = env.get("ASYNC_MODE", "eventlet").strip().lower()
+    if async_mode not in ("eventlet", "gevent", "threading"):
+        raise RuntimeError("ASYNC_MODE must be 'eventlet' or 'gevent'")
+    return {
+        "APP_ENV": "production" if production else "development",
+        "SECRET_KEY": secret_key,
+        "SECRET_KEY_FALLBACKS": fallbacks,
+        "SQLALCHEMY_DATABASE_URI": database_url(env.get("DATABASE_URL"), instance_path),
+        "REDIS_URL": env.get("REDIS_URL") or None,
+        "ADMIN_TOKEN": env.get("ADMIN_TOKEN") or None,
+        "CONNECTION_STRING_TTL": _int(env, "CONNECTION_STRING_TTL", 300),
+        "MESSAGE_STRING_TTL": _int(env, "MESSAGE_STRING_TTL", 60),
+        "AGENT_TIMEOUT": _int(env, "AGENT_TIMEOUT", 60),
+        "RATE_LIMIT_REST": env.get("RATE_LIMIT_REST") or "100/minute",
+        "RATE_LIMIT_MESSAGES": env.get("RATE_LIMIT_MESSAGES") or "10/second",
+        "MAX_CONNECTIONS_PER_TENANT": _int(env, "MAX_CONNECTIONS_PER_TENANT", 50),
+        "CORS_ORIGINS": cors,
+        "ASYNC_MODE": async_mode,
+        "WS_COMPRESSION": _bool(env, "WS_COMPRESSION"),
+        "DEMO": _bool(env, "DEMO"),
+        "LOG_FORMAT": env.get("LOG_FORMAT", "text"),
+        "LOG_LEVEL": env.get("LOG_LEVEL", "INFO").upper(),
+    }
+
+
+class Defaults:
+    """Settings that are not read from the environment."""
+
+    MAX_CONTENT_LENGTH = 1024 * 1024
+    SQLALCHEMY_TRACK_MODIFICATIONS = False
+    JSON_SORT_KEYS = False
+    # flask-smorest / OpenAPI
+    API_TITLE = "Workspace Chat"
+    API_VERSION = "v1"
+    OPENAPI_VERSION = "3.0.3"
+    OPENAPI_URL_PREFIX = "/"
+    OPENAPI_JSON_PATH = "openapi.json"
+    OPENAPI_SWAGGER_UI_PATH = "docs"
+    OPENAPI_SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.17.14/"
+    # Flask-Limiter
+    RATELIMIT_HEADERS_ENABLED = True
+    RATELIMIT_STORAGE_URI = "memory://"
+    RATELIMIT_ENABLED = True

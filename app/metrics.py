@@ -1,0 +1,51 @@
+"""Prometheus metrics, one registry per app so that several apps (tests) never collide."""
+from __future__ import annotations
+
+import time
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+
+class Metrics:
+    """The app's Prometheus registry and the HTTP request metrics."""
+
+    def __init__(self, app: Flask | None = None):
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "workspace_chat_http_requests_total", "HTTP requests answered.",
+            ["method", "route", "status"], registry=self.registry)
+        self.http_latency = Histogram(
+            "workspace_chat_http_request_seconds", "Time to answer an HTTP request.",
+            ["method", "route"], registry=self.registry)
+        self.errors = Counter(
+            "workspace_chat_errors_total", "Errors answered, by contract error code.",
+            ["code", "transport"], registry=self.registry)
+        app.extensions["metrics"] = self
+        app.before_request(self._start_timer)
+        app.after_request(self._record)
+
+    @staticmethod
+    def _start_timer() -> None:
+        g.request_started = time.perf_counter()
+
+    def _record(self, response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        started = g.get("request_started")
+        if started is not None:
+            self.http_latency.labels(request.method, route).observe(time.perf_counter() - started)
+        self.http_requests.labels(request.method, route, str(response.status_code)).inc()
+        if response.status_code >= 400 and response.is_json:
+            body = response.get_json(silent=True) or {}
+            code = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
+            if code:
+                self.errors.labels(code, "http").inc()
+        return response
+
+    def render(self) -> Response:
+        """The registry in Prometheus text format."""
+        return Response(generate_latest(self.registry), mimetype=CONTENT_TYPE_LATEST)

@@ -1,0 +1,242 @@
+"""marshmallow schemas: request validation and response shapes, separate from the models."""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+
+from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
+
+from app.pagination import PaginationArgs
+
+USER_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
+USER_ID_ERROR = "Must be 1-128 characters of A-Z a-z 0-9 _ . @ : -"
+CALLABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+METADATA_MAX_BYTES = 16 * 1024
+
+AGENT_KINDS = ("none", "echo", "openai", "webhook", "python")
+#: Fields each agent kind accepts, and which of them are required.
+AGENT_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    "none": (set(), set()),
+    "echo": (set(), set()),
+    "openai": ({"base_url", "model", "api_key", "system_prompt", "history"}, {"base_url", "model"}),
+    "webhook": ({"url", "secret"}, {"url"}),
+    "python": ({"callable"}, {"callable"}),
+}
+#: Agent fields that are secrets: stored, never returned.
+AGENT_SECRETS = ("api_key", "secret")
+
+
+def is_valid_user_id(value: object) -> bool:
+    """Whether ``value`` is a well-formed tenant-scoped user id."""
+    return isinstance(value, str) and USER_ID_RE.match(value) is not None
+
+
+class UtcDateTime(fields.DateTime):
+    """ISO 8601 UTC with a trailing Z (times are stored as naive UTC)."""
+
+    def _serialize(self, value: datetime | None, attr, obj, **kwargs):
+        if value is None:
+            return None
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class UserId(fields.String):
+    def __init__(self, **kwargs):
+        super().__init__(validate=validate.Regexp(USER_ID_RE, error=USER_ID_ERROR), **kwargs)
+
+
+class StrictString(fields.String):
+    """A string that refuses NUL characters, which PostgreSQL cannot store."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        result = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in result:
+            raise ValidationError("Must not contain NUL characters.")
+        return result
+
+
+# --- agents -------------------------------------------------------------------------------
+
+class AgentSchema(Schema):
+    """A workspace's agent configuration; the fields allowed depend on ``kind``."""
+
+    kind = fields.String(required=True, validate=validate.OneOf(AGENT_KINDS))
+    base_url = fields.Url(schemes={"http", "https"}, require_tld=False)
+    model = StrictString(validate=validate.Length(min=1, max=200))
+    api_key = StrictString(validate=validate.Length(min=1, max=1000), allow_none=True,
+                           load_only=True)
+    system_prompt = StrictString(validate=validate.Length(max=20000), allow_none=True)
+    history = fields.Integer(validate=validate.Range(min=0, max=200))
+    url = fields.Url(schemes={"http", "https"}, require_tld=False)
+    secret = StrictString(validate=validate.Length(min=1, max=1000), allow_none=True,
+                          load_only=True)
+    callable = StrictString(validate=validate.Regexp(
+        CALLABLE_RE, error="Must be 'package.module:function'."))
+
+    @validates_schema
+    def _fields_for_kind(self, data, **kwargs):
+        kind = data.get("kind")
+        if kind not in AGENT_FIELDS:
+            return
+        allowed, required = AGENT_FIELDS[kind]
+        errors = {}
+        for name in data.keys() - {"kind"} - allowed:
+            errors[name] = [f"Not allowed for agent kind '{kind}'."]
+        for name in required - data.keys():
+            errors[name] = [f"Required for agent kind '{kind}'."]
+        if errors:
+            raise ValidationError(errors)
+
+
+def public_agent(agent: dict | None) -> dict:
+    """The agent configuration as the API shows it: secrets replaced by ``<name>_set`` flags."""
+    agent = dict(agent or {"kind": "none"})
+    for name in AGENT_SECRETS:
+        if name in agent:
+            agent[f"{name}_set"] = bool(agent.pop(name))
+    return agent
+
+
+# --- workspaces ---------------------------------------------------------------------------
+
+class WorkspaceCreateSchema(Schema):
+    owner_id = UserId(required=True)
+    name = StrictString(required=True, validate=validate.Length(min=1, max=100))
+    agent = fields.Nested(AgentSchema)
+
+
+class WorkspaceUpdateSchema(Schema):
+    name = StrictString(validate=validate.Length(min=1, max=100))
+    agent = fields.Nested(AgentSchema)
+
+
+class WorkspaceSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+    owner_id = fields.Function(lambda w: w.owner.external_id)
+    members = fields.Function(lambda w: [m.user.external_id for m in w.members])
+    agent = fields.Function(lambda w: public_agent(w.agent))
+    created_at = UtcDateTime()
+
+
+class WorkspacePageSchema(Schema):
+    workspaces = fields.List(fields.Nested(WorkspaceSchema))
+    total = fields.Integer()
+    offset = fields.Integer()
+    limit = fields.Integer()
+    has_more = fields.Boolean()
+
+
+# --- chats --------------------------------------------------------------------------------
+
+class ChatCreateSchema(Schema):
+    user_id = UserId(required=True)
+    workspace_id = fields.String(validate=validate.Length(min=1, max=64), allow_none=True)
+    title = StrictString(validate=validate.Length(max=200), allow_none=True)
+    metadata = fields.Dict(keys=fields.String(), allow_none=True)
+
+    @validates("metadata")
+    def _metadata_size(self, value, **kwargs):
+        if value is None:
+            return
+        try:
+            size = len(json.dumps(value, separators=(",", ":")).encode("utf-8"))
+        except (TypeError, ValueError, UnicodeEncodeError) as exc:
+            raise ValidationError("Must be a JSON object.") from exc
+        if size > METADATA_MAX_BYTES:
+            raise ValidationError(f"Must be at most {METADATA_MAX_BYTES} bytes as JSON.")
+        if "\\u0000" in json.dumps(value):
+            raise ValidationError("Must not contain NUL characters.")
+
+
+class ChatSchema(Schema):
+    id = fields.String()
+    workspace_id = fields.String()
+    user_id = fields.Function(lambda c: c.user.external_id)
+    title = fields.String(allow_none=True)
+    metadata = fields.Dict(attribute="meta")
+    created_at = UtcDateTime()
+    updated_at = UtcDateTime()
+
+
+class ChatPageSchema(Schema):
+    chats = fields.List(fields.Nested(ChatSchema))
+    total = fields.Integer()
+    offset = fields.Integer()
+    limit = fields.Integer()
+    has_more = fields.Boolean()
+
+
+class ConnectionStringRequestSchema(Schema):
+    user_id = UserId(required=True)
+
+
+class ConnectionStringSchema(Schema):
+    connection_string = fields.String()
+    chat_id = fields.String()
+    expires_at = fields.String()
+
+
+# --- messages -----------------------------------------------------------------------------
+
+class MessageSchema(Schema):
+    id = fields.String()
+    chat_id = fields.String()
+    role = fields.String()
+    user_id = fields.Function(lambda m: m.user.external_id if m.user is not None else None)
+    content = fields.String()
+    client_message_id = fields.String(allow_none=True)
+    reply_to = fields.Function(lambda m: str(m.reply_to) if m.reply_to is not None else None)
+    created_at = UtcDateTime()
+
+
+class MessageIdArg(fields.String):
+    """A message id in a query string (ids are decimal strings)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if not value.isdigit() or len(value) > 19:
+            raise ValidationError("Must be a message id.")
+        return int(value)
+
+
+class MessageListArgs(PaginationArgs):
+    order = fields.String(load_default="asc", validate=validate.OneOf(("asc", "desc")))
+    after_id = MessageIdArg()
+    before_id = MessageIdArg()
+
+
+class MessagePageSchema(Schema):
+    messages = fields.List(fields.Nested(MessageSchema))
+    total = fields.Integer()
+    offset = fields.Integer()
+    limit = fields.Integer()
+    has_more = fields.Boolean()
+
+
+# --- errors and admin ---------------------------------------------------------------------
+
+class ErrorBodySchema(Schema):
+    code = fields.String()
+    message = fields.String()
+    details = fields.Dict()
+
+
+class ErrorSchema(Schema):
+    error = fields.Nested(ErrorBodySchema)
+
+
+class TenantCreateSchema(Schema):
+    name = StrictString(required=True, validate=validate.Length(min=1, max=100))
+
+
+class TenantCreatedSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+    api_key = fields.String()
+
+
+class ApiKeyCreatedSchema(Schema):
+    id = fields.String()
+    api_key = fields.String()

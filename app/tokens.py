@@ -1,0 +1,67 @@
+"""Connection strings and message strings: signed (itsdangerous) and time-limited."""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import current_app
+from itsdangerous import BadSignature, URLSafeSerializer
+
+CONNECTION_SALT = "workspace-chat.connection-string"
+MESSAGE_SALT = "workspace-chat.message-string"
+
+
+class TokenInvalid(Exception):
+    """The string is not genuine (bad signature, wrong shape, wrong purpose)."""
+
+
+class TokenExpired(Exception):
+    """The string is genuine but past its expiry."""
+
+    def __init__(self, payload: dict[str, Any]):
+        super().__init__("expired")
+        self.payload = payload
+
+
+def _serializer(salt: str) -> URLSafeSerializer:
+    # itsdangerous signs with the last key and verifies with all, which is key rotation.
+    config = current_app.config
+    keys = [*config.get("SECRET_KEY_FALLBACKS", []), config["SECRET_KEY"]]
+    return URLSafeSerializer(keys, salt=salt)
+
+
+def to_iso(ts: float) -> str:
+    """A Unix time as ISO 8601 UTC with a trailing Z."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _issue(salt: str, payload: dict[str, Any], ttl: int) -> tuple[str, float]:
+    expires = time.time() + ttl
+    token = _serializer(salt).dumps({**payload, "exp": round(expires, 3)})
+    return token, expires
+
+
+def _verify(salt: str, token: Any) -> dict[str, Any]:
+    if not isinstance(token, str) or not token or len(token) > 4096:
+        raise TokenInvalid()
+    try:
+        payload = _serializer(salt).loads(token)
+    except (BadSignature, UnicodeError, ValueError):
+        raise TokenInvalid() from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("exp"), (int, float)):
+        raise TokenInvalid()
+    if payload["exp"] < time.time():
+        raise TokenExpired(payload)
+    return payload
+
+
+def issue_connection_string(tenant_id: str, user_id: str, chat_id: str) -> tuple[str, float]:
+    """A connection string for one user to join one chat; returns it and its expiry time."""
+    ttl = current_app.config["CONNECTION_STRING_TTL"]
+    return _issue(CONNECTION_SALT, {"t": tenant_id, "u": user_id, "c": chat_id}, ttl)
+
+
+def verify_connection_string(token: Any) -> dict[str, Any]:
+    """The payload ``{t, u, c, exp}`` of a genuine, unexpired connection string."""
+    return _verify(CONNECTION_SALT, token)

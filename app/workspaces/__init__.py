@@ -1,0 +1,1 @@
+"""Workspaces: owners, members and the agent configuration."""

@@ -1,0 +1,70 @@
+"""REST routes for workspaces and their members."""
+from flask import g
+
+from app.api import tenant_blueprint
+from app.pagination import PaginationArgs
+from app.schemas import (WorkspaceCreateSchema, WorkspacePageSchema, WorkspaceSchema,
+                         WorkspaceUpdateSchema)
+from app.users import require_valid_user_id
+from app.workspaces import service
+
+bp = tenant_blueprint("workspaces", __name__, "/api/v1/workspaces",
+                      "Workspaces: owner, members and agent configuration.")
+
+
+@bp.route("", methods=["POST"])
+@bp.arguments(WorkspaceCreateSchema)
+@bp.response(201, WorkspaceSchema)
+def create_workspace(body):
+    """Create a workspace owned by `owner_id`."""
+    return service.create_workspace(g.tenant, body["owner_id"], body["name"], body.get("agent"))
+
+
+@bp.route("/user/<user_id>", methods=["GET"])
+@bp.arguments(PaginationArgs, location="query")
+@bp.response(200, WorkspacePageSchema)
+def list_user_workspaces(args, user_id):
+    """The workspaces a user owns or is a member of."""
+    require_valid_user_id(user_id)
+    return service.list_user_workspaces(g.tenant, user_id, args["offset"], args["limit"])
+
+
+@bp.route("/<workspace_id>", methods=["GET"])
+@bp.response(200, WorkspaceSchema)
+def get_workspace(workspace_id):
+    """One workspace."""
+    return service.get_workspace(g.tenant, workspace_id)
+
+
+@bp.route("/<workspace_id>", methods=["PATCH"])
+@bp.arguments(WorkspaceUpdateSchema)
+@bp.response(200, WorkspaceSchema)
+def update_workspace(body, workspace_id):
+    """Rename a workspace or replace its agent (a secret left out of the same kind is kept)."""
+    workspace = service.get_workspace(g.tenant, workspace_id)
+    return service.update_workspace(workspace, body)
+
+
+@bp.route("/<workspace_id>", methods=["DELETE"])
+@bp.response(204)
+def delete_workspace(workspace_id):
+    """Delete a workspace with its chats and messages."""
+    service.delete_workspace(service.get_workspace(g.tenant, workspace_id))
+
+
+@bp.route("/<workspace_id>/members/<user_id>", methods=["PUT"])
+@bp.response(204)
+def add_member(workspace_id, user_id):
+    """Make a user a member of the workspace (idempotent)."""
+    workspace = service.get_workspace(g.tenant, workspace_id)
+    require_valid_user_id(user_id)
+    service.add_member(g.tenant, workspace, user_id)
+
+
+@bp.route("/<workspace_id>/members/<user_id>", methods=["DELETE"])
+@bp.response(204)
+def remove_member(workspace_id, user_id):
+    """Remove a member from the workspace (idempotent)."""
+    workspace = service.get_workspace(g.tenant, workspace_id)
+    require_valid_user_id(user_id)
+    service.remove_member(g.tenant, workspace, user_id)

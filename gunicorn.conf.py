@@ -1,0 +1,19 @@
+"""gunicorn settings for the Procfile's web: line (read from the environment like the app)."""
+import os
+
+_mode = os.environ.get("ASYNC_MODE", "eventlet").strip().lower()
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+# Socket.IO keeps per-connection state in the process, so one worker per process: scale out
+# by running more processes behind a load balancer with REDIS_URL set (see the README).
+workers = 1
+worker_class = "gevent" if _mode == "gevent" else "eventlet"
+# eventlet/gevent workers serve this many connections at once (gunicorn's default is 1,000).
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "10000"))
+# Heroku-style platforms allow 30 s between SIGTERM and SIGKILL.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "25"))
+timeout = 60
+keepalive = 5
+accesslog = "-" if os.environ.get("ACCESS_LOG", "1") != "0" else None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
