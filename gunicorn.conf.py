@@ -17,3 +17,5 @@ keepalive = 5
 accesslog = "-" if os.environ.get("ACCESS_LOG", "1") != "0" else None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# gunicorn 25 opens a control socket in the working directory by default; we do not use it.
+control_socket_disable = True
