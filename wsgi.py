@@ -1,29 +1,37 @@
 """The production entry point: the one place that knows about eventlet and gevent.
 
 Monkey-patching must happen before anything else is imported (psycopg2 included, so that
-database calls yield to the event loop instead of blocking it).
+database calls yield to the event loop instead of blocking it). When the Flask CLI loads this
+module (`flask --app wsgi db upgrade`), Flask is already imported and nothing needs a green
+event loop, so the CLI runs unpatched.
 """
 import os
+import sys
+import warnings
 
+# eventlet is our users' choice and stays the default (see docs/operations.md); its
+# deprecation notice would otherwise be printed by every process and every CLI command.
+warnings.filterwarnings("ignore", message="\nEventlet is deprecated")
+
+_loaded_by_flask_cli = "flask.cli" in sys.modules
 _mode = os.environ.get("ASYNC_MODE", "eventlet").strip().lower()
-if _mode == "eventlet":
-    import eventlet
+if not _loaded_by_flask_cli:
+    if _mode == "eventlet":
+        import eventlet
 
-    eventlet.monkey_patch()
-elif _mode == "gevent":
-    from gevent import monkey
+        eventlet.monkey_patch()
+    elif _mode == "gevent":
+        from gevent import monkey
 
-    monkey.patch_all()
-
-import click  # noqa: E402
+        monkey.patch_all()
 
 from app import create_app  # noqa: E402
 
 app = create_app()
 
-# The demo tenant is made sure of when the server starts, but not when the Flask CLI loads
-# this module (`flask db upgrade` runs before the tables exist).
-if app.config["DEMO"] and click.get_current_context(silent=True) is None:
+# The demo tenant is made sure of when the server starts, not when the CLI loads this module
+# (`flask db upgrade` runs before the tables exist).
+if app.config["DEMO"] and not _loaded_by_flask_cli:
     from app.demo import ensure_demo  # noqa: E402
 
     with app.app_context():
