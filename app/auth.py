@@ -54,9 +54,13 @@ def tenant_for_api_key(key: str | None) -> Tenant | None:
 
 
 def _lookup_request_tenant() -> Tenant | None:
-    if "tenant_lookup" not in g:
-        g.tenant_lookup = tenant_for_api_key(request.headers.get(API_KEY_HEADER))
-    return g.tenant_lookup
+    # Cached for the rate limiter and the auth hook of the same request; keyed by the key
+    # itself because an app context (and so `g`) may outlive one request.
+    key = request.headers.get(API_KEY_HEADER)
+    cached = g.get("tenant_lookup")
+    if cached is None or cached[0] != key:
+        cached = g.tenant_lookup = (key, tenant_for_api_key(key))
+    return cached[1]
 
 
 def current_tenant() -> Tenant:

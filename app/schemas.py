@@ -13,6 +13,7 @@ USER_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
 USER_ID_ERROR = "Must be 1-128 characters of A-Z a-z 0-9 _ . @ : -"
 CALLABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 METADATA_MAX_BYTES = 16 * 1024
+MAX_ID = 2**63 - 1  # ids and offsets are 64-bit integers in the database
 
 AGENT_KINDS = ("none", "echo", "openai", "webhook", "python")
 #: Fields each agent kind accepts, and which of them are required.
@@ -196,7 +197,7 @@ class MessageIdArg(fields.String):
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
-        if not value.isdigit() or len(value) > 19:
+        if not value.isdigit() or len(value) > 19 or int(value) > MAX_ID:
             raise ValidationError("Must be a message id.")
         return int(value)
 
