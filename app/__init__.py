@@ -33,6 +33,33 @@ def _configure_logging(app: Flask) -> None:
     app.logger.setLevel(level)
 
 
+def _init_realtime(app: Flask) -> None:
+    """Socket.IO with our client manager, the shared state and the /chat namespace."""
+    from app.chat.delivery import ChatManager, ChatRedisManager, WithoutWebSocketCompression
+    from app.chat.events import chat_namespace
+    from app.extensions import socketio
+    from app.state import create_state
+
+    from engineio.payload import Payload
+
+    # A long-polling client may batch more than engineio's default of 16 packets in one
+    # request (a burst of typing events and messages); refusing it would drop the client.
+    Payload.max_decode_packets = 100
+    redis_url = app.config.get("REDIS_URL")
+    app.extensions["chat_state"] = create_state(redis_url)
+    manager = ChatRedisManager(redis_url) if redis_url else ChatManager()
+    socketio.init_app(
+        app,
+        async_mode=app.config["ASYNC_MODE"],
+        client_manager=manager,
+        cors_allowed_origins=app.config["CORS_ORIGINS"] or None,
+        http_compression=False,
+    )
+    socketio.on_namespace(chat_namespace)
+    if not app.config["WS_COMPRESSION"]:
+        app.wsgi_app = WithoutWebSocketCompression(app.wsgi_app)
+
+
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: config, extensions, blueprints, CLI and error handlers."""
     app = Flask(__name__, instance_relative_config=True)
@@ -60,14 +87,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     migrate.init_app(app, db, directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True)
     limiter.init_app(app)
     Metrics(app)
-    socketio.init_app(
-        app,
-        async_mode=app.config["ASYNC_MODE"],
-        message_queue=app.config.get("REDIS_URL"),
-        cors_allowed_origins=app.config["CORS_ORIGINS"] or None,
-        http_compression=False,
-        websocket_compression=app.config["WS_COMPRESSION"],
-    )
+    _init_realtime(app)
     if app.config["CORS_ORIGINS"]:
         from flask_cors import CORS
 

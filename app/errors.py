@@ -21,6 +21,16 @@ STATUS_BY_CODE: dict[str, int] = {
     "rate_limited": 429,
     "internal_error": 500,
     "service_unavailable": 503,
+    # Socket.IO and plain WebSocket codes (no HTTP status is ever sent for them).
+    "invalid_connection_string": 401,
+    "connection_string_expired": 401,
+    "too_many_connections": 429,
+    "chat_mismatch": 400,
+    "invalid_message_string": 400,
+    "message_string_expired": 400,
+    "message_string_reused": 400,
+    "chat_busy": 409,
+    "agent_error": 502,
 }
 
 #: The code used for a bare HTTP status raised by Flask or an extension.
@@ -130,6 +140,9 @@ def handle_http_exception(exc: HTTPException):
 def handle_unexpected(exc: Exception):
     """Log an unexpected exception with its traceback; answer ``internal_error`` without it."""
     current_app.logger.exception("unhandled error on %s %s", request.method, request.path)
+    from app.extensions import db
+
+    db.session.rollback()  # a failed statement must not poison the rest of the session
     return error_response(ApiError("internal_error"))
 
 

@@ -1,6 +1,7 @@
 """Connection strings and message strings: signed (itsdangerous) and time-limited."""
 from __future__ import annotations
 
+import secrets
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -64,4 +65,22 @@ def issue_connection_string(tenant_id: str, user_id: str, chat_id: str) -> tuple
 
 def verify_connection_string(token: Any) -> dict[str, Any]:
     """The payload ``{t, u, c, exp}`` of a genuine, unexpired connection string."""
-    return _verify(CONNECTION_SALT, token)
+    payload = _verify(CONNECTION_SALT, token)
+    if not all(isinstance(payload.get(k), str) for k in ("t", "u", "c")):
+        raise TokenInvalid()
+    return payload
+
+
+def issue_message_string(tenant_id: str, user_id: str, chat_id: str, sid: str) -> tuple[str, float]:
+    """A single-use message string bound to one connection; returns it and its expiry time."""
+    ttl = current_app.config["MESSAGE_STRING_TTL"]
+    payload = {"t": tenant_id, "u": user_id, "c": chat_id, "s": sid, "j": secrets.token_hex(8)}
+    return _issue(MESSAGE_SALT, payload, ttl)
+
+
+def verify_message_string(token: Any) -> dict[str, Any]:
+    """The payload ``{t, u, c, s, j, exp}`` of a genuine, unexpired message string."""
+    payload = _verify(MESSAGE_SALT, token)
+    if not all(isinstance(payload.get(k), str) for k in ("t", "u", "c", "s", "j")):
+        raise TokenInvalid()
+    return payload

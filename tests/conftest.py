@@ -285,8 +285,24 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def live_server(tmp_path_factory):
-    """The real server process (Procfile web: line, SQLite), started once per module."""
-    server = start_server(tmp_path_factory.mktemp("live"))
+def live_server(request, tmp_path_factory):
+    """The real server process (Procfile web: line, SQLite), started once per module.
+
+    A module may set ``SERVER_ENV = {...}`` to add environment variables.
+    """
+    server = start_server(tmp_path_factory.mktemp("live"), **getattr(request.module,
+                                                                     "SERVER_ENV", {}))
+    yield server
+    stop_server(server.process)
+
+
+@pytest.fixture(scope="module", params=["eventlet", "gevent"])
+def rt_server(request, tmp_path_factory):
+    """The real server under each async mode (``ASYNC_MODE``), once per module and mode.
+
+    A module may set ``SERVER_ENV = {...}`` to add environment variables.
+    """
+    env = {"ASYNC_MODE": request.param, **getattr(request.module, "SERVER_ENV", {})}
+    server = start_server(tmp_path_factory.mktemp(f"rt-{request.param}"), **env)
     yield server
     stop_server(server.process)

@@ -1,17 +1,41 @@
-"""The chat service: the rules for chats, their history and connection strings."""
+"""The chat service: the rules for chats, their history, connections and messages.
+
+Every door (Socket.IO, plain WebSocket, REST) calls these functions; the order of the checks
+of the public contract is written here once. Failures are raised as ApiError with the
+contract's code, and each adapter renders them its own way.
+"""
 from __future__ import annotations
 
-from typing import Any
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Mapping
 
-from sqlalchemy import select
+from flask import current_app
+from limits import parse as parse_limit
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
+from app.auth import tenant_for_api_key
 from app.errors import ApiError
-from app.extensions import db
-from app.models import Chat, Message, Tenant
+from app.extensions import db, socketio
+from app.models import Chat, Message, Tenant, User, utcnow
 from app.pagination import paginate
-from app.tokens import issue_connection_string, to_iso
+from app.schemas import MessageSchema, is_valid_user_id
+from app.state import SharedState
+from app.tokens import (TokenExpired, TokenInvalid, issue_connection_string,
+                        issue_message_string, to_iso, verify_connection_string,
+                        verify_message_string)
 from app.users import find_user, get_or_create_user
 from app.workspaces.service import can_access, default_workspace, get_workspace
+
+NAMESPACE = "/chat"
+MAX_CONTENT = 4000
+MAX_REPLAY = 500
+_dump_message = MessageSchema().dump
 
 
 
@@ -64,9 +88,13 @@ def list_messages(chat: Chat, offset: int, limit: int, order: str = "asc",
 
 
 def delete_chat(chat: Chat) -> None:
-    """Delete a chat and its messages."""
+    """Delete a chat and its messages; its connected clients get ``chat_deleted`` and leave."""
+    chat_id = chat.id
     db.session.delete(chat)
     db.session.commit()
+    socketio.emit("chat_deleted", {"chat_id": chat_id}, to=chat_room(chat_id),
+                  namespace=NAMESPACE)
+    socketio.server.manager.disconnect_room(NAMESPACE, chat_room(chat_id))
 
 
 def connection_string_for(tenant: Tenant, chat: Chat, user_id: str) -> dict[str, str]:
@@ -77,3 +105,329 @@ def connection_string_for(tenant: Tenant, chat: Chat, user_id: str) -> dict[str,
                        "chat's workspace.", {"user_id": user_id})
     token, expires = issue_connection_string(tenant.id, user_id, chat.id)
     return {"connection_string": token, "chat_id": chat.id, "expires_at": to_iso(expires)}
+
+
+# --- real-time: connections and messages ---------------------------------------------------
+
+def chat_room(chat_id: str) -> str:
+    """The Socket.IO room of a chat's connected clients."""
+    return f"chat:{chat_id}"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What a live connection is allowed to do, fixed when it connected."""
+
+    sid: str
+    tenant_id: str
+    user_pk: int
+    user_id: str
+    chat_id: str
+    workspace_id: str
+    last_message_id: int | None = None
+
+
+def _state() -> SharedState:
+    return current_app.extensions["chat_state"]
+
+
+def _text_param(params: Mapping[str, Any], name: str, max_length: int = 4096) -> str | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > max_length:
+        raise ApiError("validation_error", f"'{name}' must be a string.", {name: ["Not a string."]})
+    return value
+
+
+def _message_id_param(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)) \
+            or not str(value).isdigit() or len(str(value)) > 19:
+        raise ApiError("validation_error", "'last_message_id' must be a message id.",
+                       {"last_message_id": ["Must be a message id."]})
+    return int(value)
+
+
+def authorize_connection(sid: str, auth: Any, query: Mapping[str, Any]) -> tuple[Connection, bool]:
+    """Check a connection's credentials and count it; returns it and whether it is the user's first.
+
+    ``auth`` is the Socket.IO auth payload; the same fields are accepted as query parameters.
+    Refusals: validation_error, invalid_connection_string, connection_string_expired,
+    invalid_api_key, chat_not_found, forbidden, too_many_connections.
+    """
+    if auth is not None and not isinstance(auth, dict):
+        raise ApiError("validation_error", "The auth payload must be an object.")
+    params = {**{k: v for k, v in query.items()}, **(auth or {})}
+    chat_id = _text_param(params, "chat_id", 64)
+    connection_string = _text_param(params, "connection_string")
+    api_key = _text_param(params, "api_key", 256)
+    user_id = _text_param(params, "user_id", 128)
+    last_message_id = _message_id_param(params.get("last_message_id"))
+    if chat_id is None or not (connection_string or (api_key and user_id)):
+        raise ApiError("validation_error", "Send chat_id with either connection_string, or "
+                       "api_key and user_id.", {"chat_id": ["Required."]} if chat_id is None
+                       else {"connection_string": ["Required (or api_key and user_id)."]})
+    if connection_string:
+        try:
+            claims = verify_connection_string(connection_string)
+        except TokenExpired:
+            raise ApiError("connection_string_expired", "The connection string has expired; "
+                           "ask for a new one.") from None
+        except TokenInvalid:
+            raise ApiError("invalid_connection_string",
+                           "The connection string is not valid.") from None
+        if claims["c"] != chat_id:
+            raise ApiError("invalid_connection_string",
+                           "The connection string was issued for another chat.")
+        tenant = db.session.get(Tenant, claims["t"])
+        if tenant is None:
+            raise ApiError("invalid_connection_string", "The connection string is not valid.")
+        user_id = claims["u"]
+    else:
+        if not is_valid_user_id(user_id):
+            raise ApiError("validation_error", "The user id is not valid.",
+                           {"user_id": ["Must be 1-128 characters of A-Z a-z 0-9 _ . @ : -"]})
+        tenant = tenant_for_api_key(api_key)
+        if tenant is None:
+            raise ApiError("invalid_api_key", "The API key is not valid.")
+    chat = db.session.get(Chat, chat_id)
+    if chat is None or chat.tenant_id != tenant.id:
+        raise ApiError("chat_not_found", f"Chat {chat_id!r} was not found.")
+    user = find_user(tenant.id, user_id)
+    if user is None or not can_access(chat.workspace, user):
+        raise ApiError("forbidden", "This user is neither the owner nor a member of the "
+                       "chat's workspace.")
+    limit = current_app.config["MAX_CONNECTIONS_PER_TENANT"]
+    if not _state().acquire_connection(tenant.id, sid, limit):
+        raise ApiError("too_many_connections",
+                       f"This tenant already has {limit} connections open.")
+    try:
+        first = _mark_first_connection(user)
+    except Exception:
+        _state().release_connection(tenant.id, sid)
+        raise
+    connection = Connection(sid, tenant.id, user.id, user.external_id, chat.id,
+                            chat.workspace_id, last_message_id)
+    return connection, first
+
+
+def _mark_first_connection(user: User) -> bool:
+    """Record the user's first socket connection; True only for that very first one."""
+    result = db.session.execute(
+        update(User).where(User.id == user.id, User.first_connected_at.is_(None))
+        .values(first_connected_at=utcnow()))
+    db.session.commit()
+    return result.rowcount == 1
+
+
+def release_connection(connection: Connection) -> None:
+    """Stop counting a connection that has ended."""
+    _state().release_connection(connection.tenant_id, connection.sid)
+
+
+def missed_messages(connection: Connection) -> tuple[list[dict], bool]:
+    """The messages stored after the client's ``last_message_id``, oldest first, and whether
+    there were more than MAX_REPLAY (then only the newest MAX_REPLAY are returned)."""
+    if connection.last_message_id is None:
+        return [], False
+    rows = db.session.execute(
+        select(Message).where(Message.chat_id == connection.chat_id,
+                              Message.id > connection.last_message_id)
+        .order_by(Message.id.desc()).limit(MAX_REPLAY + 1)
+    ).scalars().all()
+    truncated = len(rows) > MAX_REPLAY
+    return [_dump_message(m) for m in reversed(rows[:MAX_REPLAY])], truncated
+
+
+def new_message_string(connection: Connection) -> dict[str, str]:
+    """A fresh single-use message string for this connection."""
+    token, expires = issue_message_string(connection.tenant_id, connection.user_id,
+                                          connection.chat_id, connection.sid)
+    return {"message_string": token, "expires_at": to_iso(expires)}
+
+
+def connection_established(connection: Connection, message_string: dict[str, str],
+                           history_truncated: bool) -> dict[str, Any]:
+    """The payload of ``connection_established``."""
+    payload = {"chat_id": connection.chat_id, "user_id": connection.user_id,
+               "sid": connection.sid, "message_string": message_string["message_string"],
+               "message_string_expires_at": message_string["expires_at"],
+               "server_time": to_iso(time.time())}
+    if connection.last_message_id is not None:
+        payload["history_truncated"] = history_truncated
+    return payload
+
+
+class _ChatLock:
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+_chat_locks: "weakref.WeakValueDictionary[str, _ChatLock]" = weakref.WeakValueDictionary()
+_chat_locks_guard = threading.Lock()
+
+
+def _chat_lock(chat_id: str) -> _ChatLock:
+    # Store-then-broadcast runs under one lock per chat, so that clients receive a chat's
+    # messages in the order of their ids (green threads under eventlet/gevent).
+    with _chat_locks_guard:
+        lock = _chat_locks.get(chat_id)
+        if lock is None:
+            lock = _chat_locks[chat_id] = _ChatLock()
+        return lock
+
+
+def _message_limiter() -> tuple[MovingWindowRateLimiter, Any]:
+    extension = current_app.extensions.get("chat_message_limiter")
+    if extension is None:
+        limiter = MovingWindowRateLimiter(MemoryStorage())
+        extension = current_app.extensions["chat_message_limiter"] = (
+            limiter, parse_limit(current_app.config["RATE_LIMIT_MESSAGES"]))
+    return extension
+
+
+def _validate_message(payload: Any) -> tuple[str, str | None]:
+    if not isinstance(payload, dict):
+        raise ApiError("validation_error", "The message must be an object with 'content'.")
+    content = payload.get("content")
+    errors: dict[str, list[str]] = {}
+    if not isinstance(content, str):
+        errors["content"] = ["Must be a string."]
+    else:
+        content = content.strip()
+        if not 1 <= len(content) <= MAX_CONTENT:
+            errors["content"] = [f"Must be 1-{MAX_CONTENT} characters after trimming."]
+        elif "\x00" in content or not _encodable(content):
+            errors["content"] = ["Must be valid text (no NUL characters or lone surrogates)."]
+    client_message_id = payload.get("client_message_id")
+    if client_message_id is not None and (
+            not isinstance(client_message_id, str) or not 1 <= len(client_message_id) <= 128
+            or "\x00" in client_message_id or not _encodable(client_message_id)):
+        errors["client_message_id"] = ["Must be a string of 1-128 characters."]
+    chat_id = payload.get("chat_id")
+    if chat_id is not None and not isinstance(chat_id, str):
+        errors["chat_id"] = ["Must be a string."]
+    if errors:
+        raise ApiError("validation_error", "The message is not valid.", errors)
+    return content, client_message_id
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _spend_message_string(connection: Connection, token: Any) -> None:
+    if not isinstance(token, str) or not token:
+        raise ApiError("invalid_message_string", "A message string is required; ask for one "
+                       "with get_message_string.")
+    try:
+        claims = verify_message_string(token)
+    except TokenExpired:
+        raise ApiError("message_string_expired", "The message string has expired; ask for "
+                       "a new one.") from None
+    except TokenInvalid:
+        raise ApiError("invalid_message_string", "The message string is not valid.") from None
+    state = _state()
+    if state.is_spent(claims["j"]):
+        raise ApiError("message_string_reused", "This message string has already been used.")
+    if (claims["t"], claims["u"], claims["c"], claims["s"]) != (
+            connection.tenant_id, connection.user_id, connection.chat_id, connection.sid):
+        raise ApiError("invalid_message_string",
+                       "This message string was issued to another connection.")
+    # Remember it a little longer than it lives, so it can never be used twice.
+    if not state.spend(claims["j"], max(1.0, claims["exp"] - time.time()) + 5):
+        raise ApiError("message_string_reused", "This message string has already been used.")
+
+
+def _existing_message(chat_id: str, client_message_id: str) -> Message | None:
+    return db.session.execute(
+        select(Message).where(Message.chat_id == chat_id,
+                              Message.client_message_id == client_message_id)
+    ).scalar_one_or_none()
+
+
+def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
+    """Check, store and broadcast a user's message; returns the successful ack.
+
+    The checks, in the contract's order: payload shape and content, chat_id, the message
+    string (genuine, unexpired, unused, this connection's), client_message_id idempotency,
+    the per-connection rate, the chat's busy state.
+    """
+    content, client_message_id = _validate_message(payload)
+    if payload.get("chat_id") is not None and payload["chat_id"] != connection.chat_id:
+        raise ApiError("chat_mismatch", "This connection is joined to another chat.",
+                       {"chat_id": connection.chat_id})
+    _spend_message_string(connection, payload.get("message_string"))
+    if client_message_id is not None:
+        original = _existing_message(connection.chat_id, client_message_id)
+        if original is not None:
+            return _ack(connection, original)
+    limiter, limit = _message_limiter()
+    if not limiter.hit(limit, connection.sid):
+        reset, _ = limiter.get_window_stats(limit, connection.sid)
+        retry_after = round(max(0.0, reset - time.time()), 3)
+        raise ApiError("rate_limited", "Too many messages; slow down.",
+                       {"retry_after": retry_after})
+    if _state().busy_owner(connection.chat_id) is not None:
+        raise ApiError("chat_busy", "The agent is still replying in this chat; wait for it "
+                       "or stop it.")
+    with _chat_lock(connection.chat_id).lock:
+        message = Message(chat_id=connection.chat_id, role="user", user_id=connection.user_pk,
+                          content=content, client_message_id=client_message_id)
+        db.session.add(message)
+        try:
+            db.session.commit()
+        except IntegrityError:
+            db.session.rollback()
+            original = (_existing_message(connection.chat_id, client_message_id)
+                        if client_message_id is not None else None)
+            if original is None:
+                chat_gone = db.session.get(Chat, connection.chat_id) is None
+                raise ApiError("chat_not_found" if chat_gone else "internal_error") from None
+            return _ack(connection, original)
+        data = message_payload(message, connection.user_id)
+        socketio.emit("message_received", data, to=chat_room(connection.chat_id),
+                      namespace=NAMESPACE)
+    return _ack(connection, message, data)
+
+
+def message_payload(message: Message, user_id: str | None) -> dict[str, Any]:
+    """A stored message as the contract's message object (no lazy load needed)."""
+    return {"id": str(message.id), "chat_id": message.chat_id, "role": message.role,
+            "user_id": user_id, "content": message.content,
+            "client_message_id": message.client_message_id,
+            "reply_to": str(message.reply_to) if message.reply_to is not None else None,
+            "created_at": message.created_at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"}
+
+
+def _ack(connection: Connection, message: Message, data: dict | None = None) -> dict[str, Any]:
+    string = new_message_string(connection)
+    return {"ok": True, "message": data or _dump_message(message),
+            "next_message_string": string["message_string"],
+            "next_message_string_expires_at": string["expires_at"]}
+
+
+def typing_payload(connection: Connection, payload: Any) -> dict[str, Any]:
+    """Validate a ``typing`` event; returns what the other clients get."""
+    is_typing = payload.get("is_typing") if isinstance(payload, dict) else None
+    if not isinstance(is_typing, bool):
+        raise ApiError("validation_error", "'is_typing' must be true or false.",
+                       {"is_typing": ["Must be a boolean."]})
+    return {"user_id": connection.user_id, "is_typing": is_typing}
+
+
+def stop_generation(connection: Connection) -> bool:
+    """Ask the reply streaming in the connection's chat to stop; False when none is."""
+    owner = _state().busy_owner(connection.chat_id)
+    if owner is None:
+        return False
+    _state().request_stop(connection.chat_id, owner, ttl=60)
+    return True

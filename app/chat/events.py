@@ -1,0 +1,129 @@
+"""The Socket.IO adapter: the /chat namespace. It parses, calls the chat service, renders."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app, request
+from flask_socketio import ConnectionRefusedError, Namespace, emit, join_room
+
+from app.chat import service
+from app.chat.service import NAMESPACE, Connection
+from app.errors import ApiError
+
+
+def _count_error(code: str) -> None:
+    metrics = current_app.extensions.get("metrics")
+    if metrics is not None:
+        metrics.errors.labels(code, "socketio").inc()
+
+
+class ChatNamespace(Namespace):
+    """``/chat``: connect with a connection string (or API key + user id), then talk."""
+
+    def __init__(self, namespace: str = NAMESPACE):
+        super().__init__(namespace)
+        self.connections: dict[str, Connection] = {}
+
+    # -- connection lifecycle ---------------------------------------------------------------
+
+    def on_connect(self, auth: Any = None) -> None:
+        sid = request.sid
+        try:
+            connection, first = service.authorize_connection(sid, auth, request.args)
+        except ApiError as error:
+            _count_error(error.code)
+            raise ConnectionRefusedError(error.message, {"code": error.code,
+                                                         "message": error.message}) from None
+        except Exception:
+            current_app.logger.exception("connect failed")
+            message = "An internal error occurred."
+            raise ConnectionRefusedError(message, {"code": "internal_error",
+                                                   "message": message}) from None
+        try:
+            self._establish(connection, first)
+        except Exception:
+            self._forget(sid)
+            current_app.logger.exception("connect failed after authorisation")
+            message = "An internal error occurred."
+            raise ConnectionRefusedError(message, {"code": "internal_error",
+                                                   "message": message}) from None
+
+    def _establish(self, connection: Connection, first: bool) -> None:
+        # Order the client sees: user_created, connection_established, every missed message,
+        # then live room traffic. Joining the room behind the gate holds live traffic while
+        # the missed messages are read (see app/chat/delivery.py).
+        sid = connection.sid
+        manager = self.socketio.server.manager
+        self.connections[sid] = connection
+        replaying = connection.last_message_id is not None
+        if replaying:
+            manager.gate(sid)
+        join_room(service.chat_room(connection.chat_id))
+        missed, truncated = service.missed_messages(connection)
+        string = service.new_message_string(connection)
+        if first:
+            emit("user_created", {"user_id": connection.user_id})
+        emit("connection_established", service.connection_established(connection, string,
+                                                                       truncated))
+        for message in missed:
+            emit("message_received", message)
+        if replaying:
+            seen = max([connection.last_message_id] + [int(m["id"]) for m in missed])
+            manager.open_gate(sid, NAMESPACE, keep=lambda event, data: not (
+                event == "message_received" and int(data["id"]) <= seen))
+
+    def on_disconnect(self, reason: Any = None) -> None:
+        self._forget(request.sid)
+
+    def _forget(self, sid: str) -> None:
+        self.socketio.server.manager.drop_gate(sid)
+        connection = self.connections.pop(sid, None)
+        if connection is not None:
+            service.release_connection(connection)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _connection(self) -> Connection:
+        connection = self.connections.get(request.sid)
+        if connection is None:
+            raise ApiError("forbidden", "This connection is not joined to a chat.")
+        return connection
+
+    def _fail(self, error: ApiError) -> dict[str, Any]:
+        _count_error(error.code)
+        body = error.to_dict()
+        emit("error", body)
+        return {"ok": False, "error": body}
+
+    def _call(self, handler, *args) -> Any:
+        try:
+            return handler(*args)
+        except ApiError as error:
+            return self._fail(error)
+        except Exception:
+            current_app.logger.exception("error in %s handler", request.event["message"])
+            return self._fail(ApiError("internal_error"))
+
+    def on_message(self, *args: Any) -> dict[str, Any]:
+        payload = args[0] if len(args) == 1 else None
+        return self._call(lambda: service.post_message(self._connection(), payload))
+
+    def on_get_message_string(self, *args: Any) -> dict[str, Any]:
+        return self._call(lambda: service.new_message_string(self._connection()))
+
+    def on_stop_generation(self, *args: Any) -> dict[str, Any]:
+        return self._call(lambda: {"ok": True, "stopped": service.stop_generation(
+            self._connection())})
+
+    def on_typing(self, *args: Any) -> None:
+        def relay():
+            connection = self._connection()
+            payload = service.typing_payload(connection, args[0] if len(args) == 1 else None)
+            emit("typing", payload, to=service.chat_room(connection.chat_id),
+                 include_self=False)
+
+        self._call(relay)
+
+
+#: One namespace object per process; create_app registers it with each Socket.IO server.
+chat_namespace = ChatNamespace()

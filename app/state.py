@@ -1,0 +1,139 @@
+"""Shared runtime state behind one small interface: in memory for one process, Redis for many.
+
+What lives here is what every process serving a tenant must agree on: spent message strings,
+connection counts per tenant, busy chats (an agent reply streaming) and stop signals.
+"""
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from typing import Protocol
+
+
+class SharedState(Protocol):
+    def spend(self, key: str, ttl: float) -> bool:
+        """Mark ``key`` used for ``ttl`` seconds; False if it already was."""
+
+    def is_spent(self, key: str) -> bool:
+        """Whether ``key`` has been spent (and not yet forgotten)."""
+
+    def acquire_connection(self, tenant_id: str, sid: str, limit: int) -> bool:
+        """Count a connection for a tenant unless it already has ``limit``."""
+
+    def release_connection(self, tenant_id: str, sid: str) -> None:
+        """Stop counting a connection (idempotent)."""
+
+    def connection_count(self, tenant_id: str) -> int:
+        """How many connections the tenant has open."""
+
+    def mark_busy(self, chat_id: str, owner: str, ttl: float) -> bool:
+        """Mark a chat busy (a reply is streaming) unless it already is."""
+
+    def clear_busy(self, chat_id: str, owner: str) -> None:
+        """Free a chat, if ``owner`` is the one who marked it busy."""
+
+    def busy_owner(self, chat_id: str) -> str | None:
+        """Who marked the chat busy, or None when it is free."""
+
+    def request_stop(self, chat_id: str, owner: str, ttl: float) -> None:
+        """Ask the reply ``owner`` streaming in a chat to stop."""
+
+    def stop_requested(self, chat_id: str, owner: str) -> bool:
+        """Whether someone asked the reply ``owner`` to stop."""
+
+
+class MemoryState:
+    """SharedState for a single process (green threads or OS threads alike)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spent: dict[str, float] = {}
+        self._expiry: list[tuple[float, str]] = []
+        self._connections: dict[str, set[str]] = {}
+        self._busy: dict[str, tuple[str, float]] = {}
+        self._stops: dict[tuple[str, str], float] = {}
+
+    def _forget_expired(self, now: float) -> None:
+        while self._expiry and self._expiry[0][0] <= now:
+            _, key = heapq.heappop(self._expiry)
+            if self._spent.get(key, now + 1) <= now:
+                del self._spent[key]
+
+    def spend(self, key: str, ttl: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            self._forget_expired(now)
+            if key in self._spent:
+                return False
+            self._spent[key] = now + ttl
+            heapq.heappush(self._expiry, (now + ttl, key))
+            return True
+
+    def is_spent(self, key: str) -> bool:
+        with self._lock:
+            expires = self._spent.get(key)
+            return expires is not None and expires > time.monotonic()
+
+    def acquire_connection(self, tenant_id: str, sid: str, limit: int) -> bool:
+        with self._lock:
+            sids = self._connections.setdefault(tenant_id, set())
+            if sid in sids:
+                return True
+            if len(sids) >= limit:
+                return False
+            sids.add(sid)
+            return True
+
+    def release_connection(self, tenant_id: str, sid: str) -> None:
+        with self._lock:
+            sids = self._connections.get(tenant_id)
+            if sids is not None:
+                sids.discard(sid)
+                if not sids:
+                    del self._connections[tenant_id]
+
+    def connection_count(self, tenant_id: str) -> int:
+        with self._lock:
+            return len(self._connections.get(tenant_id, ()))
+
+    def mark_busy(self, chat_id: str, owner: str, ttl: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            current = self._busy.get(chat_id)
+            if current is not None and current[1] > now:
+                return False
+            self._busy[chat_id] = (owner, now + ttl)
+            return True
+
+    def clear_busy(self, chat_id: str, owner: str) -> None:
+        with self._lock:
+            current = self._busy.get(chat_id)
+            if current is not None and current[0] == owner:
+                del self._busy[chat_id]
+            self._stops.pop((chat_id, owner), None)
+
+    def busy_owner(self, chat_id: str) -> str | None:
+        with self._lock:
+            current = self._busy.get(chat_id)
+            if current is None or current[1] <= time.monotonic():
+                return None
+            return current[0]
+
+    def request_stop(self, chat_id: str, owner: str, ttl: float) -> None:
+        with self._lock:
+            self._stops[(chat_id, owner)] = time.monotonic() + ttl
+
+    def stop_requested(self, chat_id: str, owner: str) -> bool:
+        with self._lock:
+            expires = self._stops.get((chat_id, owner))
+            return expires is not None and expires > time.monotonic()
+
+
+def create_state(redis_url: str | None) -> SharedState:
+    """The state implementation for this configuration."""
+    if redis_url:
+        from app.state_redis import RedisState
+
+        return RedisState(redis_url)
+    return MemoryState()

@@ -1,0 +1,93 @@
+"""SharedState on Redis, so that many processes behave as one service."""
+from __future__ import annotations
+
+import time
+
+import redis
+
+#: A connection is counted for this long unless its process refreshes it (a process that
+#: dies stops refreshing, so its connections stop counting).
+CONNECTION_LEASE = 60.0
+
+_ACQUIRE = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
+  return 1
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[4]) * 1000))
+return 1
+"""
+
+_CLEAR_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+class RedisState:
+    """SharedState for several processes sharing one Redis."""
+
+    def __init__(self, url: str, prefix: str = "wc:") -> None:
+        self.redis = redis.Redis.from_url(url, decode_responses=True,
+                                          socket_connect_timeout=2, socket_timeout=2)
+        self.prefix = prefix
+        self._acquire = self.redis.register_script(_ACQUIRE)
+        self._clear = self.redis.register_script(_CLEAR_IF_OWNER)
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def spend(self, key: str, ttl: float) -> bool:
+        return bool(self.redis.set(self._k("spent", key), 1, nx=True,
+                                   px=max(1, int(ttl * 1000))))
+
+    def is_spent(self, key: str) -> bool:
+        return bool(self.redis.exists(self._k("spent", key)))
+
+    def acquire_connection(self, tenant_id: str, sid: str, limit: int) -> bool:
+        return bool(self._acquire(keys=[self._k("conn", tenant_id)],
+                                  args=[time.time(), sid, limit, CONNECTION_LEASE]))
+
+    def refresh_connections(self, by_tenant: dict[str, list[str]]) -> None:
+        """Renew the lease of this process's live connections."""
+        expires = time.time() + CONNECTION_LEASE
+        with self.redis.pipeline(transaction=False) as pipe:
+            for tenant_id, sids in by_tenant.items():
+                if sids:
+                    pipe.zadd(self._k("conn", tenant_id), {sid: expires for sid in sids}, xx=True)
+                    pipe.pexpire(self._k("conn", tenant_id), int(CONNECTION_LEASE * 1000))
+            pipe.execute()
+
+    def release_connection(self, tenant_id: str, sid: str) -> None:
+        self.redis.zrem(self._k("conn", tenant_id), sid)
+
+    def connection_count(self, tenant_id: str) -> int:
+        key = self._k("conn", tenant_id)
+        self.redis.zremrangebyscore(key, "-inf", time.time())
+        return int(self.redis.zcard(key))
+
+    def mark_busy(self, chat_id: str, owner: str, ttl: float) -> bool:
+        return bool(self.redis.set(self._k("busy", chat_id), owner, nx=True,
+                                   px=max(1, int(ttl * 1000))))
+
+    def clear_busy(self, chat_id: str, owner: str) -> None:
+        self._clear(keys=[self._k("busy", chat_id), self._k("stop", chat_id, owner)],
+                    args=[owner])
+
+    def busy_owner(self, chat_id: str) -> str | None:
+        return self.redis.get(self._k("busy", chat_id))
+
+    def request_stop(self, chat_id: str, owner: str, ttl: float) -> None:
+        self.redis.set(self._k("stop", chat_id, owner), 1, px=max(1, int(ttl * 1000)))
+
+    def stop_requested(self, chat_id: str, owner: str) -> bool:
+        return bool(self.redis.exists(self._k("stop", chat_id, owner)))
