@@ -13,6 +13,29 @@ import warnings
 # deprecation notice would otherwise be printed by every process and every CLI command.
 warnings.filterwarnings("ignore", message="\nEventlet is deprecated")
 
+
+def _green_psycopg2() -> None:
+    """Make psycopg2 wait on gevent instead of blocking the process (eventlet's
+    monkey_patch does the same for itself); the wait callback from psycopg2's documentation."""
+    import psycopg2
+    from gevent.socket import wait_read, wait_write
+    from psycopg2 import extensions
+
+    def wait(conn, timeout=None):
+        while True:
+            state = conn.poll()
+            if state == extensions.POLL_OK:
+                break
+            if state == extensions.POLL_READ:
+                wait_read(conn.fileno(), timeout=timeout)
+            elif state == extensions.POLL_WRITE:
+                wait_write(conn.fileno(), timeout=timeout)
+            else:
+                raise psycopg2.OperationalError(f"bad state from poll: {state}")
+
+    extensions.set_wait_callback(wait)
+
+
 _loaded_by_flask_cli = "flask.cli" in sys.modules
 _mode = os.environ.get("ASYNC_MODE", "eventlet").strip().lower()
 if not _loaded_by_flask_cli:
@@ -24,6 +47,7 @@ if not _loaded_by_flask_cli:
         from gevent import monkey
 
         monkey.patch_all()
+        _green_psycopg2()
 
 from app import create_app  # noqa: E402
 
