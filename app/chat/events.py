@@ -10,6 +10,8 @@ from app.chat import service
 from app.chat.service import NAMESPACE, Connection
 from app.errors import ApiError
 
+LEASE_RENEWAL_SECONDS = 20
+
 
 def _count_error(code: str) -> None:
     metrics = current_app.extensions.get("metrics")
@@ -23,6 +25,7 @@ class ChatNamespace(Namespace):
     def __init__(self, namespace: str = NAMESPACE):
         super().__init__(namespace)
         self.connections: dict[str, Connection] = {}
+        self._lease_renewer_started = False
 
     # -- connection lifecycle ---------------------------------------------------------------
 
@@ -41,6 +44,7 @@ class ChatNamespace(Namespace):
                                                    "message": message}) from None
         try:
             self._establish(connection, first)
+            self._renew_leases_in_background()
         except Exception:
             self._forget(sid)
             current_app.logger.exception("connect failed after authorisation")
@@ -71,6 +75,28 @@ class ChatNamespace(Namespace):
             seen = max([connection.last_message_id] + [int(m["id"]) for m in missed])
             manager.open_gate(sid, NAMESPACE, keep=lambda event, data: not (
                 event == "message_received" and int(data["id"]) <= seen))
+
+    def _renew_leases_in_background(self) -> None:
+        # With Redis, a connection counts towards its tenant's limit only while its process
+        # renews the lease, so the connections of a process that dies stop counting.
+        state = current_app.extensions["chat_state"]
+        if self._lease_renewer_started or not hasattr(state, "refresh_connections"):
+            return
+        self._lease_renewer_started = True
+
+        def renew() -> None:
+            while True:
+                self.socketio.sleep(LEASE_RENEWAL_SECONDS)
+                by_tenant: dict[str, list[str]] = {}
+                for connection in list(self.connections.values()):
+                    by_tenant.setdefault(connection.tenant_id, []).append(connection.sid)
+                try:
+                    state.refresh_connections(by_tenant)
+                except Exception:  # Redis away: keep serving, renew on the next round
+                    self.socketio.server.logger.warning("could not renew connection leases",
+                                                        exc_info=True)
+
+        self.socketio.start_background_task(renew)
 
     def on_disconnect(self, reason: Any = None) -> None:
         self._forget(request.sid)

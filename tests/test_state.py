@@ -1,0 +1,90 @@
+"""The shared runtime state: one behaviour, in memory and on a real Redis."""
+import uuid
+
+import pytest
+
+from app.state import MemoryState
+from tests.conftest import REDIS_TEST_URL, service_missing
+
+
+@pytest.fixture(params=["memory", "redis"])
+def state(request):
+    if request.param == "memory":
+        yield MemoryState()
+        return
+    import redis
+
+    from app.state_redis import RedisState
+
+    prefix = f"wc-test-{uuid.uuid4().hex[:8]}:"
+    state = RedisState(REDIS_TEST_URL, prefix=prefix)
+    try:
+        state.redis.ping()
+    except redis.RedisError as exc:
+        service_missing("Redis", exc)
+    yield state
+    keys = list(state.redis.scan_iter(prefix + "*"))
+    if keys:
+        state.redis.delete(*keys)
+
+
+def test_a_key_can_be_spent_only_once(state):
+    assert state.spend("k1", 60) is True
+    assert state.spend("k1", 60) is False
+    assert state.is_spent("k1") and not state.is_spent("k2")
+
+
+def test_connections_are_counted_per_tenant_up_to_the_limit(state):
+    assert all(state.acquire_connection("t1", f"s{i}", 3) for i in range(3))
+    assert state.acquire_connection("t1", "s3", 3) is False
+    assert state.acquire_connection("t2", "s0", 3) is True  # another tenant is unaffected
+    assert state.acquire_connection("t1", "s1", 3) is True  # the same sid again is no new one
+    assert state.connection_count("t1") == 3
+    state.release_connection("t1", "s0")
+    state.release_connection("t1", "s0")  # idempotent
+    assert state.connection_count("t1") == 2
+    assert state.acquire_connection("t1", "s3", 3) is True
+
+
+def test_busy_chat_has_one_owner_and_only_the_owner_frees_it(state):
+    assert state.busy_owner("c1") is None
+    assert state.mark_busy("c1", "reply-1", 60) is True
+    assert state.mark_busy("c1", "reply-2", 60) is False
+    state.clear_busy("c1", "reply-2")
+    assert state.busy_owner("c1") == "reply-1"
+    state.clear_busy("c1", "reply-1")
+    assert state.busy_owner("c1") is None
+
+
+def test_stop_signal_reaches_only_the_reply_it_names(state):
+    state.mark_busy("c1", "reply-1", 60)
+    assert state.stop_requested("c1", "reply-1") is False
+    state.request_stop("c1", "reply-1", 60)
+    assert state.stop_requested("c1", "reply-1") is True
+    assert state.stop_requested("c1", "reply-2") is False
+    state.clear_busy("c1", "reply-1")
+    assert state.stop_requested("c1", "reply-1") is False
+
+
+def test_redis_connection_lease_renewal_keeps_live_connections_counted():
+    import redis
+
+    from app.state_redis import RedisState
+
+    state = RedisState(REDIS_TEST_URL, prefix=f"wc-test-{uuid.uuid4().hex[:8]}:")
+    try:
+        state.redis.ping()
+    except redis.RedisError as exc:
+        service_missing("Redis", exc)
+    try:
+        assert state.acquire_connection("t", "live", 5)
+        assert state.acquire_connection("t", "dead", 5)
+        # Age both leases into the past, then renew only the live one, as a process does.
+        key = state._k("conn", "t")
+        state.redis.zadd(key, {"live": 1, "dead": 1})
+        state.refresh_connections({"t": ["live"]})
+        assert state.connection_count("t") == 1
+    finally:
+        keys = list(state.redis.scan_iter(state.prefix + "*"))
+        if keys:
+            state.redis.delete(*keys)
