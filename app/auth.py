@@ -54,13 +54,12 @@ def tenant_for_api_key(key: str | None) -> Tenant | None:
 
 
 def _lookup_request_tenant() -> Tenant | None:
-    # Cached for the rate limiter and the auth hook of the same request; keyed by the key
-    # itself because an app context (and so `g`) may outlive one request.
-    key = request.headers.get(API_KEY_HEADER)
-    cached = g.get("tenant_lookup")
-    if cached is None or cached[0] != key:
-        cached = g.tenant_lookup = (key, tenant_for_api_key(key))
-    return cached[1]
+    # Looked up once per request, for the rate limiter and then the auth hook. Kept in the
+    # request's environ, not in `g`: an app context (and so `g`) may outlive one request.
+    environ = request.environ
+    if "workspace_chat.tenant" not in environ:
+        environ["workspace_chat.tenant"] = tenant_for_api_key(request.headers.get(API_KEY_HEADER))
+    return environ["workspace_chat.tenant"]
 
 
 def current_tenant() -> Tenant:

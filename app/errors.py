@@ -1,6 +1,7 @@
 """The one API error type, its codes, and the one JSON error renderer for HTTP."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from flask import Flask, current_app, jsonify, request
@@ -101,15 +102,15 @@ def from_http_exception(exc: HTTPException) -> tuple[ApiError, dict[str, str]]:
     data = getattr(exc, "data", None) or {}
     headers: dict[str, str] = {}
     if status == 429:
-        retry_after = None
+        from app.extensions import limiter
+
+        details: dict[str, Any] = {}
+        current = limiter.current_limit
+        if current is not None:
+            details["retry_after"] = max(0, int(current.reset_at - time.time()))
+            details["limit"] = str(current.limit)
         limit = getattr(exc, "limit", None)
-        if exc.response is not None:
-            retry_after = exc.response.headers.get("Retry-After")
-        details = {}
-        if retry_after:
-            details["retry_after"] = int(retry_after)
-            headers["Retry-After"] = retry_after
-        if limit is not None:
+        if "limit" not in details and limit is not None:
             details["limit"] = str(getattr(limit, "limit", limit))
         return ApiError("rate_limited", details=details), headers
     if status in (400, 422) and "messages" in data:

@@ -48,4 +48,4 @@ class Metrics:
 
     def render(self) -> Response:
         """The registry in Prometheus text format."""
-        return Response(generate_latest(self.registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(self.registry), content_type=CONTENT_TYPE_LATEST)
