@@ -143,6 +143,9 @@ class Message(db.Model):
     client_message_id: Mapped[str | None] = mapped_column(db.String(128), default=None)
     reply_to: Mapped[int | None] = mapped_column(
         db.ForeignKey("messages.id", ondelete="SET NULL"), default=None, index=True)
+    # An agent reply is stored when its stream starts; this is set when it ends (stop,
+    # cancelled, error, timeout). NULL on an agent message means it is still streaming.
+    finish_reason: Mapped[str | None] = mapped_column(db.String(16), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     chat = relationship("Chat", back_populates="messages")

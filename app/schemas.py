@@ -75,6 +75,17 @@ class AgentSchema(Schema):
     callable = StrictString(validate=validate.Regexp(
         CALLABLE_RE, error="Must be 'package.module:function'."))
 
+    @validates("callable")
+    def _importable(self, value, **kwargs):
+        # Loaded (once) when the workspace is saved, so a bad path is a validation error
+        # now rather than a failure at the first message.
+        from app.agents.python import load_callable
+
+        try:
+            load_callable(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
     @validates_schema
     def _fields_for_kind(self, data, **kwargs):
         kind = data.get("kind")

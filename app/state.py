@@ -8,6 +8,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -42,6 +43,28 @@ class SharedState(Protocol):
     def stop_requested(self, chat_id: str, owner: str) -> bool:
         """Whether someone asked the reply ``owner`` to stop."""
 
+    def stream_begin(self, chat_id: str, message_id: str, reply_to: str, ttl: float) -> None:
+        """A reply started streaming in a chat."""
+
+    def stream_append(self, chat_id: str, message_id: str, token: str) -> None:
+        """One more token of the chat's streaming reply."""
+
+    def stream_progress(self, chat_id: str) -> StreamProgress | None:
+        """The reply streaming in a chat so far, or None."""
+
+    def stream_end(self, chat_id: str, message_id: str) -> None:
+        """The chat's reply has ended."""
+
+
+@dataclass(frozen=True)
+class StreamProgress:
+    """A streaming reply as far as it got: what a client joining mid-stream needs."""
+
+    message_id: str
+    reply_to: str
+    content: str
+    tokens: int
+
 
 class MemoryState:
     """SharedState for a single process (green threads or OS threads alike)."""
@@ -53,6 +76,7 @@ class MemoryState:
         self._connections: dict[str, set[str]] = {}
         self._busy: dict[str, tuple[str, float]] = {}
         self._stops: dict[tuple[str, str], float] = {}
+        self._streams: dict[str, tuple[str, str, list[str]]] = {}
 
     def _forget_expired(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] <= now:
@@ -128,6 +152,30 @@ class MemoryState:
         with self._lock:
             expires = self._stops.get((chat_id, owner))
             return expires is not None and expires > time.monotonic()
+
+
+    def stream_begin(self, chat_id: str, message_id: str, reply_to: str, ttl: float) -> None:
+        with self._lock:
+            self._streams[chat_id] = (message_id, reply_to, [])
+
+    def stream_append(self, chat_id: str, message_id: str, token: str) -> None:
+        with self._lock:
+            stream = self._streams.get(chat_id)
+            if stream is not None and stream[0] == message_id:
+                stream[2].append(token)
+
+    def stream_progress(self, chat_id: str) -> StreamProgress | None:
+        with self._lock:
+            stream = self._streams.get(chat_id)
+            if stream is None:
+                return None
+            return StreamProgress(stream[0], stream[1], "".join(stream[2]), len(stream[2]))
+
+    def stream_end(self, chat_id: str, message_id: str) -> None:
+        with self._lock:
+            stream = self._streams.get(chat_id)
+            if stream is not None and stream[0] == message_id:
+                del self._streams[chat_id]
 
 
 def create_state(redis_url: str | None) -> SharedState:

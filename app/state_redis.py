@@ -5,6 +5,8 @@ import time
 
 import redis
 
+from app.state import StreamProgress
+
 #: A connection is counted for this long unless its process refreshes it (a process that
 #: dies stops refreshing, so its connections stop counting).
 CONNECTION_LEASE = 60.0
@@ -33,6 +35,23 @@ return 1
 """
 
 
+_STREAM_APPEND = """
+if redis.call('HGET', KEYS[1], 'message_id') == ARGV[1] then
+  local content = redis.call('HGET', KEYS[1], 'content') or ''
+  redis.call('HSET', KEYS[1], 'content', content .. ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'tokens', 1)
+end
+return 1
+"""
+
+_STREAM_END = """
+if redis.call('HGET', KEYS[1], 'message_id') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+
+
 class RedisState:
     """SharedState for several processes sharing one Redis."""
 
@@ -42,6 +61,8 @@ class RedisState:
         self.prefix = prefix
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._clear = self.redis.register_script(_CLEAR_IF_OWNER)
+        self._append = self.redis.register_script(_STREAM_APPEND)
+        self._end = self.redis.register_script(_STREAM_END)
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -91,3 +112,25 @@ class RedisState:
 
     def stop_requested(self, chat_id: str, owner: str) -> bool:
         return bool(self.redis.exists(self._k("stop", chat_id, owner)))
+
+    def stream_begin(self, chat_id: str, message_id: str, reply_to: str, ttl: float) -> None:
+        key = self._k("stream", chat_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping={"message_id": message_id, "reply_to": reply_to,
+                                    "content": "", "tokens": 0})
+            pipe.pexpire(key, max(1, int(ttl * 1000)))
+            pipe.execute()
+
+    def stream_append(self, chat_id: str, message_id: str, token: str) -> None:
+        self._append(keys=[self._k("stream", chat_id)], args=[message_id, token])
+
+    def stream_progress(self, chat_id: str) -> StreamProgress | None:
+        data = self.redis.hgetall(self._k("stream", chat_id))
+        if not data:
+            return None
+        return StreamProgress(data["message_id"], data["reply_to"], data.get("content", ""),
+                              int(data.get("tokens", 0)))
+
+    def stream_end(self, chat_id: str, message_id: str) -> None:
+        self._end(keys=[self._k("stream", chat_id)], args=[message_id])

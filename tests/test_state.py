@@ -88,3 +88,18 @@ def test_redis_connection_lease_renewal_keeps_live_connections_counted():
         keys = list(state.redis.scan_iter(state.prefix + "*"))
         if keys:
             state.redis.delete(*keys)
+
+
+def test_stream_progress_holds_the_tokens_so_far_of_the_named_reply(state):
+    assert state.stream_progress("c1") is None
+    state.stream_begin("c1", "41", "40", ttl=60)
+    state.stream_append("c1", "41", "Hel")
+    state.stream_append("c1", "41", "lo")
+    state.stream_append("c1", "99", "ignored: another reply")
+    progress = state.stream_progress("c1")
+    assert (progress.message_id, progress.reply_to, progress.content, progress.tokens) == (
+        "41", "40", "Hello", 2)
+    state.stream_end("c1", "99")  # not the streaming reply: nothing happens
+    assert state.stream_progress("c1") is not None
+    state.stream_end("c1", "41")
+    assert state.stream_progress("c1") is None

@@ -137,12 +137,12 @@ VALID_AGENTS = {
         {"kind": "webhook", "url": "http://127.0.0.1:9000/hook", "secret_set": True},
     ),
     "python": (
-        {"kind": "python", "callable": "my_pkg.agents:reply"},
-        {"kind": "python", "callable": "my_pkg.agents:reply"},
+        {"kind": "python", "callable": "tests.agents:reply"},
+        {"kind": "python", "callable": "tests.agents:reply"},
     ),
     "python-top-level-module": (
-        {"kind": "python", "callable": "agents:reply"},
-        {"kind": "python", "callable": "agents:reply"},
+        {"kind": "python", "callable": "json:dumps"},
+        {"kind": "python", "callable": "json:dumps"},
     ),
 }
 
@@ -194,14 +194,20 @@ INVALID_AGENTS = {
     "webhook-with-model": ({"kind": "webhook", "url": "https://example.com", "model": "m"},
                            "model"),
     "python-missing-callable": ({"kind": "python"}, "callable"),
-    "python-callable-without-function": ({"kind": "python", "callable": "my_pkg.agents"},
+    "python-callable-without-function": ({"kind": "python", "callable": "tests.agents"},
                                          "callable"),
-    "python-callable-with-call": ({"kind": "python", "callable": "my_pkg.agents:reply()"},
+    "python-callable-with-call": ({"kind": "python", "callable": "tests.agents:reply()"},
                                   "callable"),
     "python-callable-with-spaces": ({"kind": "python", "callable": "my pkg:reply"},
                                     "callable"),
-    "python-with-url": ({"kind": "python", "callable": "m:f", "url": "https://example.com"},
-                        "url"),
+    "python-with-url": ({"kind": "python", "callable": "tests.agents:reply",
+                         "url": "https://example.com"}, "url"),
+    "python-module-not-importable": ({"kind": "python", "callable": "no_such_pkg.mod:reply"},
+                                     "callable"),
+    "python-function-missing": ({"kind": "python", "callable": "tests.agents:no_such_function"},
+                                "callable"),
+    "python-attribute-not-callable": ({"kind": "python", "callable": "tests.agents:not_callable"},
+                                      "callable"),
     "unknown-field": ({"kind": "echo", "temperature": 0.2}, "temperature"),
 }
 
@@ -309,7 +315,7 @@ def test_patch_renames_the_workspace_and_keeps_the_agent(tenant):
 
 def test_patch_replaces_the_agent_and_keeps_the_name(tenant):
     ws = tenant.workspace(name="Team")
-    agent = {"kind": "python", "callable": "my_pkg.agents:reply"}
+    agent = {"kind": "python", "callable": "tests.agents:reply"}
     r = tenant.api.patch(f"/api/v1/workspaces/{ws['id']}", json={"agent": agent})
     assert r.status_code == 200
     assert r.get_json()["agent"] == agent and r.get_json()["name"] == "Team"

@@ -54,15 +54,15 @@ class ChatNamespace(Namespace):
 
     def _establish(self, connection: Connection, first: bool) -> None:
         # Order the client sees: user_created, connection_established, every missed message,
-        # then live room traffic. Joining the room behind the gate holds live traffic while
-        # the missed messages are read (see app/chat/delivery.py).
+        # the reply streaming right now (content_so_far), then live room traffic. Joining the
+        # room behind the gate holds live traffic while the database and the shared state
+        # are read (see app/chat/delivery.py), so nothing is lost, doubled or reordered.
         sid = connection.sid
         manager = self.socketio.server.manager
         self.connections[sid] = connection
-        replaying = connection.last_message_id is not None
-        if replaying:
-            manager.gate(sid)
+        manager.gate(sid)
         join_room(service.chat_room(connection.chat_id))
+        progress = service.stream_progress(connection)
         missed, truncated = service.missed_messages(connection)
         string = service.new_message_string(connection)
         if first:
@@ -71,10 +71,9 @@ class ChatNamespace(Namespace):
                                                                        truncated))
         for message in missed:
             emit("message_received", message)
-        if replaying:
-            seen = max([connection.last_message_id] + [int(m["id"]) for m in missed])
-            manager.open_gate(sid, NAMESPACE, keep=lambda event, data: not (
-                event == "message_received" and int(data["id"]) <= seen))
+        if progress is not None:
+            emit("message_stream_started", service.stream_started_so_far(connection, progress))
+        manager.open_gate(sid, NAMESPACE, service.catch_up_filter(connection, missed, progress))
 
     def _renew_leases_in_background(self) -> None:
         # With Redis, a connection counts towards its tenant's limit only while its process

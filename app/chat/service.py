@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -19,13 +20,15 @@ from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from app.agents import agent_for
+from app.agents.runner import ReplyJob, start_reply
 from app.auth import tenant_for_api_key
 from app.errors import ApiError
 from app.extensions import db, socketio
-from app.models import Chat, Message, Tenant, User, utcnow
+from app.models import Chat, Message, Tenant, User, Workspace, utcnow
 from app.pagination import paginate
 from app.schemas import MessageSchema, is_valid_user_id
-from app.state import SharedState
+from app.state import SharedState, StreamProgress
 from app.tokens import (TokenExpired, TokenInvalid, issue_connection_string,
                         issue_message_string, to_iso, verify_connection_string,
                         verify_message_string)
@@ -234,7 +237,9 @@ def missed_messages(connection: Connection) -> tuple[list[dict], bool]:
         return [], False
     rows = db.session.execute(
         select(Message).where(Message.chat_id == connection.chat_id,
-                              Message.id > connection.last_message_id)
+                              Message.id > connection.last_message_id,
+                              # a reply still streaming is sent as content_so_far instead
+                              ~((Message.role == "agent") & Message.finish_reason.is_(None)))
         .order_by(Message.id.desc()).limit(MAX_REPLAY + 1)
     ).scalars().all()
     truncated = len(rows) > MAX_REPLAY
@@ -376,27 +381,58 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
         retry_after = round(max(0.0, reset - time.time()), 3)
         raise ApiError("rate_limited", "Too many messages; slow down.",
                        {"retry_after": retry_after})
-    if _state().busy_owner(connection.chat_id) is not None:
+    agent = _workspace_agent(connection.workspace_id)
+    reply_owner = _claim_chat(connection.chat_id, agent)
+    try:
+        with _chat_lock(connection.chat_id).lock:
+            message = Message(chat_id=connection.chat_id, role="user",
+                              user_id=connection.user_pk, content=content,
+                              client_message_id=client_message_id)
+            db.session.add(message)
+            try:
+                db.session.commit()
+            except IntegrityError:
+                db.session.rollback()
+                original = (_existing_message(connection.chat_id, client_message_id)
+                            if client_message_id is not None else None)
+                if original is None:
+                    chat_gone = db.session.get(Chat, connection.chat_id) is None
+                    raise ApiError("chat_not_found" if chat_gone else "internal_error") from None
+                if reply_owner is not None:
+                    _state().clear_busy(connection.chat_id, reply_owner)
+                return _ack(connection, original)
+            data = message_payload(message, connection.user_id)
+            socketio.emit("message_received", data, to=chat_room(connection.chat_id),
+                          namespace=NAMESPACE)
+    except BaseException:
+        if reply_owner is not None:
+            _state().clear_busy(connection.chat_id, reply_owner)
+        raise
+    if reply_owner is not None:
+        start_reply(ReplyJob(connection.tenant_id, connection.workspace_id, connection.chat_id,
+                             chat_room(connection.chat_id), message.id, reply_owner, agent))
+    return _ack(connection, message, data)
+
+
+def _workspace_agent(workspace_id: str) -> dict[str, Any]:
+    workspace = db.session.get(Workspace, workspace_id)
+    return dict(workspace.agent or {}) if workspace is not None else {"kind": "none"}
+
+
+def _claim_chat(chat_id: str, agent: dict[str, Any]) -> str | None:
+    """Refuse with ``chat_busy`` while a reply streams; when this message will get a reply,
+    mark the chat busy at once (atomically), so that no second message slips in."""
+    if agent_for(agent) is None:
+        if _state().busy_owner(chat_id) is not None:
+            raise ApiError("chat_busy", "The agent is still replying in this chat; wait for "
+                           "it or stop it.")
+        return None
+    owner = uuid.uuid4().hex
+    ttl = float(current_app.config["AGENT_TIMEOUT"]) + 30
+    if not _state().mark_busy(chat_id, owner, ttl):
         raise ApiError("chat_busy", "The agent is still replying in this chat; wait for it "
                        "or stop it.")
-    with _chat_lock(connection.chat_id).lock:
-        message = Message(chat_id=connection.chat_id, role="user", user_id=connection.user_pk,
-                          content=content, client_message_id=client_message_id)
-        db.session.add(message)
-        try:
-            db.session.commit()
-        except IntegrityError:
-            db.session.rollback()
-            original = (_existing_message(connection.chat_id, client_message_id)
-                        if client_message_id is not None else None)
-            if original is None:
-                chat_gone = db.session.get(Chat, connection.chat_id) is None
-                raise ApiError("chat_not_found" if chat_gone else "internal_error") from None
-            return _ack(connection, original)
-        data = message_payload(message, connection.user_id)
-        socketio.emit("message_received", data, to=chat_room(connection.chat_id),
-                      namespace=NAMESPACE)
-    return _ack(connection, message, data)
+    return owner
 
 
 def message_payload(message: Message, user_id: str | None) -> dict[str, Any]:
@@ -431,3 +467,51 @@ def stop_generation(connection: Connection) -> bool:
         return False
     _state().request_stop(connection.chat_id, owner, ttl=60)
     return True
+
+
+def stream_progress(connection: Connection) -> StreamProgress | None:
+    """The reply streaming in the connection's chat right now, if any."""
+    return _state().stream_progress(connection.chat_id)
+
+
+def stream_started_so_far(connection: Connection, progress: StreamProgress) -> dict[str, Any]:
+    """``message_stream_started`` for a client that joins while a reply streams."""
+    return {"message_id": progress.message_id, "chat_id": connection.chat_id,
+            "reply_to": progress.reply_to, "content_so_far": progress.content}
+
+
+def catch_up_filter(connection: Connection, replayed: list[dict],
+                    progress: StreamProgress | None):
+    """Which of the room events held while a client joined it still needs, in order.
+
+    It already has: messages up to its ``last_message_id`` and those just replayed; the
+    streaming reply's first ``progress.tokens`` tokens (sent as ``content_so_far``); replies
+    that ended before the replay read them. It cannot use tokens of a stream it never saw
+    start.
+    """
+    seen = max([connection.last_message_id or 0] + [int(m["id"]) for m in replayed]) \
+        if connection.last_message_id is not None else -1
+    replayed_ids = {m["id"] for m in replayed}
+    started = {progress.message_id} if progress is not None else set()
+
+    def keep(event: str, data: Any) -> bool:
+        if not isinstance(data, dict):
+            return True
+        if event == "message_received":
+            return int(data["id"]) > seen
+        message_id = data.get("message_id")
+        if event == "message_stream_started":
+            if message_id in replayed_ids or message_id in started:
+                return False
+            started.add(message_id)
+            return True
+        if event in ("message_stream_token", "message_stream_ended"):
+            if message_id not in started:
+                return False
+            if (event == "message_stream_token" and progress is not None
+                    and message_id == progress.message_id):
+                return data["index"] >= progress.tokens
+            return True
+        return True
+
+    return keep

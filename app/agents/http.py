@@ -1,0 +1,69 @@
+"""Reading streamed HTTP replies: server-sent events and newline-delimited JSON."""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import requests
+
+from app.agents.base import AgentError
+
+USER_AGENT = "workspace-chat-agent/1"
+
+
+def post(url: str, timeout: float, **kwargs: Any) -> requests.Response:
+    """POST with a connect/read timeout and a clear AgentError on failure."""
+    headers = {"User-Agent": USER_AGENT, **kwargs.pop("headers", {})}
+    try:
+        response = requests.post(url, headers=headers, stream=True,
+                                 timeout=(min(10.0, timeout), timeout), **kwargs)
+    except requests.RequestException as exc:
+        raise AgentError(f"could not reach the agent: {type(exc).__name__}") from exc
+    if response.status_code >= 400:
+        response.close()
+        raise AgentError(f"the agent answered HTTP {response.status_code}")
+    return response
+
+
+def lines(response: requests.Response) -> Iterator[str]:
+    """The response body's lines, decoded as UTF-8."""
+    try:
+        for raw in response.iter_lines(decode_unicode=False):
+            yield raw.decode("utf-8", "replace")
+    except requests.RequestException as exc:
+        raise AgentError(f"the agent's reply broke off: {type(exc).__name__}") from exc
+    finally:
+        response.close()
+
+
+def sse_data(response: requests.Response) -> Iterator[str]:
+    """The ``data:`` payloads of a text/event-stream body, up to ``[DONE]``."""
+    data: list[str] = []
+    for line in lines(response):
+        if line.startswith("data:"):
+            data.append(line[5:].lstrip(" "))
+        elif line == "" and data:
+            payload = "\n".join(data)
+            data = []
+            if payload.strip() == "[DONE]":
+                return
+            yield payload
+    if data and "\n".join(data).strip() != "[DONE]":
+        yield "\n".join(data)
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise AgentError("the agent sent something that is not JSON") from exc
+    if not isinstance(value, dict):
+        raise AgentError("the agent sent JSON that is not an object")
+    return value
+
+
+def token_of(item: dict[str, Any]) -> str:
+    token = item.get("token")
+    if not isinstance(token, str):
+        raise AgentError("the agent sent an item without a string 'token'")
+    return token

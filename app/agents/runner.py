@@ -1,0 +1,186 @@
+"""The agent runner: one background task per reply, owning everything but the tokens.
+
+It stores the reply as a ``role: agent`` message when the stream starts (so its id is real),
+emits ``message_stream_started`` / ``message_stream_token`` (index from 0, no gaps) /
+``message_stream_ended``, keeps the progress in the shared state for clients that join
+mid-stream, honours ``stop_generation`` (``cancelled``) and ``AGENT_TIMEOUT`` (``timeout``),
+reports failures (``error`` plus an ``agent_error`` event) and always stores what arrived.
+The agent itself runs in a task of its own and hands tokens over through a queue, so that a
+stalled agent can neither hold the chat busy past the timeout nor delay a stop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.agents import AgentContext, AgentError, agent_for
+from app.extensions import db, socketio
+from app.models import Message
+
+NAMESPACE = "/chat"
+HISTORY_LIMIT = 50
+#: How often a waiting runner looks for a stop signal, in seconds.
+STOP_POLL = 0.2
+
+
+@dataclass(frozen=True)
+class ReplyJob:
+    """What the runner needs to answer one user message."""
+
+    tenant_id: str
+    workspace_id: str
+    chat_id: str
+    room: str
+    user_message_id: int
+    owner: str
+    config: dict[str, Any]
+
+
+def start_reply(job: ReplyJob) -> None:
+    """Answer a user message in the background (the chat is already marked busy by ``owner``)."""
+    app = current_app._get_current_object()
+    socketio.start_background_task(_run, app, job)
+
+
+def _run(app: Flask, job: ReplyJob) -> None:
+    with app.app_context():
+        try:
+            Reply(app, job).run()
+        except Exception:
+            app.logger.exception("agent reply in chat %s failed", job.chat_id)
+            app.extensions["chat_state"].clear_busy(job.chat_id, job.owner)
+        finally:
+            db.session.remove()
+
+
+def _message_object(message: Message) -> dict[str, Any]:
+    from app.chat.service import message_payload
+
+    return message_payload(message, message.user.external_id if message.user else None)
+
+
+class Reply:
+    """One agent reply, from stored-empty to ended."""
+
+    def __init__(self, app: Flask, job: ReplyJob):
+        self.app = app
+        self.job = job
+        self.state = app.extensions["chat_state"]
+        self.timeout = float(app.config["AGENT_TIMEOUT"])
+        self.tokens: list[str] = []
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        socketio.emit(event, data, to=self.job.room, namespace=NAMESPACE)
+
+    def _context(self, user_message: Message) -> AgentContext:
+        rows = db.session.execute(
+            select(Message).where(Message.chat_id == self.job.chat_id,
+                                  Message.id < user_message.id)
+            .order_by(Message.id.desc()).limit(HISTORY_LIMIT)).scalars().all()
+        history = [_message_object(m) for m in reversed(rows)
+                   if not (m.role == "agent" and m.finish_reason is None)]
+        return AgentContext(self.job.tenant_id, self.job.workspace_id, self.job.chat_id,
+                            _message_object(user_message), history, self.job.config,
+                            self.timeout)
+
+    def run(self) -> None:
+        job = self.job
+        user_message = db.session.get(Message, job.user_message_id)
+        agent = agent_for(job.config)
+        if user_message is None or agent is None:
+            self.state.clear_busy(job.chat_id, job.owner)
+            return
+        context = self._context(user_message)
+        reply = Message(chat_id=job.chat_id, role="agent", content="", reply_to=user_message.id)
+        db.session.add(reply)
+        try:
+            db.session.commit()
+        except SQLAlchemyError:  # the chat was deleted meanwhile
+            db.session.rollback()
+            self.state.clear_busy(job.chat_id, job.owner)
+            return
+        message_id = str(reply.id)
+        self.state.stream_begin(job.chat_id, message_id, str(user_message.id),
+                                ttl=self.timeout + 60)
+        self._emit("message_stream_started", {"message_id": message_id, "chat_id": job.chat_id,
+                                              "reply_to": str(user_message.id)})
+        finish_reason, failure = self._stream(agent, context, message_id)
+        content = "".join(self.tokens)
+        reply.content = content
+        reply.finish_reason = finish_reason
+        try:
+            db.session.commit()
+        except SQLAlchemyError:
+            db.session.rollback()
+            self.app.logger.warning("could not store the reply in chat %s", job.chat_id)
+        self.state.stream_end(job.chat_id, message_id)
+        self.state.clear_busy(job.chat_id, job.owner)  # free before the stream is said to end
+        if failure is not None:
+            self._emit("error", {"code": "agent_error", "message": failure,
+                                 "details": {"message_id": message_id,
+                                             "finish_reason": finish_reason}})
+        self._emit("message_stream_ended", {"message_id": message_id, "chat_id": job.chat_id,
+                                            "content": content, "finish_reason": finish_reason})
+
+    def _stream(self, agent, context: AgentContext, message_id: str) -> tuple[str, str | None]:
+        job = self.job
+        eio = socketio.server.eio
+        queue = eio.create_queue()
+        stop = eio.create_event()
+
+        def produce() -> None:
+            tokens = None
+            try:
+                with self.app.app_context():
+                    tokens = agent.stream(context)
+                    for token in tokens:
+                        if stop.is_set():
+                            break
+                        queue.put(("token", token))
+                queue.put(("done", None))
+            except AgentError as exc:
+                queue.put(("error", f"The agent failed: {exc}."))
+            except Exception:
+                self.app.logger.exception("agent in chat %s raised", job.chat_id)
+                queue.put(("error", "The agent failed."))
+            finally:
+                close = getattr(tokens, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:
+                        pass
+
+        socketio.start_background_task(produce)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                if self.state.stop_requested(job.chat_id, job.owner):
+                    return "cancelled", None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "timeout", f"The agent did not finish within {self.timeout:g} s."
+                try:
+                    kind, value = queue.get(timeout=min(remaining, STOP_POLL))
+                except eio.get_queue_empty_exception():
+                    continue
+                if kind == "done":
+                    return "stop", None
+                if kind == "error":
+                    return "error", value
+                if isinstance(value, str) and value:
+                    index = len(self.tokens)
+                    self.tokens.append(value)
+                    # Progress first, then the event: a client joining in between reads a
+                    # progress that already holds this token and drops the event by its index.
+                    self.state.stream_append(job.chat_id, message_id, value)
+                    self._emit("message_stream_token", {"message_id": message_id,
+                                                        "chat_id": job.chat_id,
+                                                        "token": value, "index": index})
+        finally:
+            stop.set()

@@ -1,0 +1,44 @@
+"""Python agents for tests (``{"kind": "python", "callable": "tests.agents:..."}``).
+
+``scripted`` reads what to do from the user's message, so one workspace can play every case:
+``tokens N [DELAY]`` yields N tokens (``t0 ``, ``t1 `` ...) DELAY seconds apart;
+``fail AFTER`` yields AFTER tokens then raises; ``hang`` yields one token then waits for
+a long time. Anything else is echoed back in one token.
+"""
+import time
+
+
+def reply(context):
+    """The smallest agent: two tokens."""
+    yield "Hello, "
+    yield context.message["user_id"] or "there"
+
+
+def scripted(context):
+    words = context.message["content"].split()
+    command = words[0] if words else ""
+    if command == "tokens":
+        count = int(words[1])
+        delay = float(words[2]) if len(words) > 2 else 0.0
+        for index in range(count):
+            if delay:
+                time.sleep(delay)  # monkey-patched: a green sleep in the server
+            yield f"t{index} "
+    elif command == "fail":
+        for index in range(int(words[1])):
+            yield f"t{index} "
+        raise RuntimeError("scripted failure with a secret: hunter2")
+    elif command == "hang":
+        yield "t0 "
+        time.sleep(3600)
+        yield "never"
+    else:
+        yield context.message["content"]
+
+
+def history(context):
+    """Replies with how many history messages it was given and the new message's text."""
+    yield f"{len(context.history)}|{context.message['content']}"
+
+
+not_callable = 42
