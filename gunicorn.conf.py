@@ -19,3 +19,10 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # gunicorn 25 opens a control socket in the working directory by default; we do not use it.
 control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """On SIGTERM, end streaming replies cleanly and close sockets before gunicorn exits."""
+    from app.lifecycle import install_graceful_shutdown
+
+    install_graceful_shutdown(worker)

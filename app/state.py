@@ -9,7 +9,9 @@ import heapq
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+import weakref
+from contextlib import contextmanager
+from typing import ContextManager, Iterator, Protocol
 
 
 class SharedState(Protocol):
@@ -55,6 +57,10 @@ class SharedState(Protocol):
     def stream_end(self, chat_id: str, message_id: str) -> None:
         """The chat's reply has ended."""
 
+    def chat_lock(self, chat_id: str) -> ContextManager[None]:
+        """Held while a chat's message is stored and broadcast, so that every client gets a
+        chat's messages in the order of their ids."""
+
 
 @dataclass(frozen=True)
 class StreamProgress:
@@ -64,6 +70,30 @@ class StreamProgress:
     reply_to: str
     content: str
     tokens: int
+
+
+class _Lock:
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+class LocalLocks:
+    """One lock per name, forgotten when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: "weakref.WeakValueDictionary[str, _Lock]" = weakref.WeakValueDictionary()
+        self._guard = threading.Lock()
+
+    @contextmanager
+    def hold(self, name: str) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.get(name)
+            if lock is None:
+                lock = self._locks[name] = _Lock()
+        with lock.lock:
+            yield
 
 
 class MemoryState:
@@ -77,6 +107,7 @@ class MemoryState:
         self._busy: dict[str, tuple[str, float]] = {}
         self._stops: dict[tuple[str, str], float] = {}
         self._streams: dict[str, tuple[str, str, list[str]]] = {}
+        self._chat_locks = LocalLocks()
 
     def _forget_expired(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] <= now:
@@ -176,6 +207,9 @@ class MemoryState:
             stream = self._streams.get(chat_id)
             if stream is not None and stream[0] == message_id:
                 del self._streams[chat_id]
+
+    def chat_lock(self, chat_id: str) -> ContextManager[None]:
+        return self._chat_locks.hold(chat_id)
 
 
 def create_state(redis_url: str | None) -> SharedState:

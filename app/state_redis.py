@@ -1,11 +1,16 @@
 """SharedState on Redis, so that many processes behave as one service."""
 from __future__ import annotations
 
+import logging
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import redis
 
-from app.state import StreamProgress
+from app.state import LocalLocks, StreamProgress
+
+log = logging.getLogger(__name__)
 
 #: A connection is counted for this long unless its process refreshes it (a process that
 #: dies stops refreshing, so its connections stop counting).
@@ -63,6 +68,7 @@ class RedisState:
         self._clear = self.redis.register_script(_CLEAR_IF_OWNER)
         self._append = self.redis.register_script(_STREAM_APPEND)
         self._end = self.redis.register_script(_STREAM_END)
+        self._local_locks = LocalLocks()
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -134,3 +140,24 @@ class RedisState:
 
     def stream_end(self, chat_id: str, message_id: str) -> None:
         self._end(keys=[self._k("stream", chat_id)], args=[message_id])
+
+    @contextmanager
+    def chat_lock(self, chat_id: str) -> Iterator[None]:
+        # The local lock queues this process's senders; the Redis lock orders processes.
+        # Without Redis the process keeps serving (ordered among its own clients).
+        with self._local_locks.hold(chat_id):
+            lock = self.redis.lock(self._k("lock", chat_id), timeout=10, sleep=0.002,
+                                   blocking_timeout=10)
+            try:
+                acquired = lock.acquire()
+            except redis.RedisError:
+                log.warning("Redis unreachable: chat %s ordered on this process only", chat_id)
+                acquired = False
+            try:
+                yield
+            finally:
+                if acquired:
+                    try:
+                        lock.release()
+                    except redis.RedisError:
+                        pass  # it expires by itself

@@ -26,11 +26,27 @@ def post(url: str, timeout: float, **kwargs: Any) -> requests.Response:
 
 
 def lines(response: requests.Response) -> Iterator[str]:
-    """The response body's lines, decoded as UTF-8."""
+    """The response body's lines, decoded as UTF-8, each as soon as it has arrived.
+
+    ``iter_lines`` reads fixed-size chunks, so on a body without chunked encoding short
+    tokens would wait in a buffer until 512 bytes or the end arrived; ``read1`` returns
+    whatever is there.
+    """
+    buffer = b""
     try:
-        for raw in response.iter_lines(decode_unicode=False):
-            yield raw.decode("utf-8", "replace")
-    except requests.RequestException as exc:
+        while True:
+            chunk = response.raw.read1(8192)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                yield line.rstrip(b"\r").decode("utf-8", "replace")
+        if buffer:
+            yield buffer.rstrip(b"\r").decode("utf-8", "replace")
+    except (requests.RequestException, OSError, ValueError) as exc:
+        raise AgentError(f"the agent's reply broke off: {type(exc).__name__}") from exc
+    except Exception as exc:  # urllib3's protocol errors
         raise AgentError(f"the agent's reply broke off: {type(exc).__name__}") from exc
     finally:
         response.close()

@@ -41,6 +41,21 @@ class ReplyJob:
     config: dict[str, Any]
 
 
+#: The replies this process is streaming, so that a shutdown can end them cleanly.
+_active: dict[str, "Reply"] = {}
+
+
+def end_all_replies() -> None:
+    """Ask every reply of this process to end now (``cancelled``), as on SIGTERM."""
+    for reply in list(_active.values()):
+        reply.shutting_down = True
+
+
+def active_replies() -> int:
+    """How many replies this process is streaming."""
+    return len(_active)
+
+
 def start_reply(job: ReplyJob) -> None:
     """Answer a user message in the background (the chat is already marked busy by ``owner``)."""
     app = current_app._get_current_object()
@@ -73,6 +88,7 @@ class Reply:
         self.state = app.extensions["chat_state"]
         self.timeout = float(app.config["AGENT_TIMEOUT"])
         self.tokens: list[str] = []
+        self.shutting_down = False
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         socketio.emit(event, data, to=self.job.room, namespace=NAMESPACE)
@@ -89,6 +105,13 @@ class Reply:
                             self.timeout)
 
     def run(self) -> None:
+        _active[self.job.owner] = self
+        try:
+            self._run()
+        finally:
+            _active.pop(self.job.owner, None)
+
+    def _run(self) -> None:
         job = self.job
         user_message = db.session.get(Message, job.user_message_id)
         agent = agent_for(job.config)
@@ -160,7 +183,7 @@ class Reply:
         deadline = time.monotonic() + self.timeout
         try:
             while True:
-                if self.state.stop_requested(job.chat_id, job.owner):
+                if self.shutting_down or self.state.stop_requested(job.chat_id, job.owner):
                     return "cancelled", None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

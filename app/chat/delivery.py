@@ -12,6 +12,7 @@ Every broadcast, local or arriving from another process through Redis, passes th
 from __future__ import annotations
 
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 from socketio import Manager, RedisManager
 
@@ -19,37 +20,52 @@ Keep = Callable[[str, Any], bool]
 
 
 class GateMixin:
-    """Hold room events for gated clients until ``open_gate``; disconnect a whole room."""
+    """Hold a joining client's room events until ``open_gate``, then keep filtering them.
+
+    A message stored before the client's replay read it may still be on its way to the room
+    (its sender yields to the event loop between commit and broadcast, or it comes through
+    Redis), so the filter that ``open_gate`` installs stays on for the connection's lifetime.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._gates: dict[str, list[tuple[str, Any]]] = {}
+        self._filters: dict[str, Keep] = {}
 
     def gate(self, sid: str) -> None:
         """Start holding room events for ``sid`` (events sent to the sid itself pass)."""
         self._gates[sid] = []
 
     def open_gate(self, sid: str, namespace: str, keep: Keep) -> None:
-        """Deliver what was held for ``sid``, in order, where ``keep(event, data)`` is true."""
-        for event, data in self._gates.pop(sid, None) or ():
+        """Deliver what was held for ``sid``, in order, where ``keep(event, data)`` is true,
+        and apply ``keep`` to the sid's room events from now on."""
+        held = self._gates.pop(sid, None) or ()
+        self._filters[sid] = keep
+        for event, data in held:
             if keep(event, data):
                 Manager.emit(self, event, data, namespace, to=sid)
 
     def drop_gate(self, sid: str) -> None:
         self._gates.pop(sid, None)
+        self._filters.pop(sid, None)
 
     def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None,
              **kwargs):
         target = to or room
-        if self._gates and isinstance(target, str) and target not in self._gates and not callback:
-            held = [sid for sid, _ in self.get_participants(namespace, target)
-                    if sid in self._gates]
-            if held:
-                skip = list(skip_sid) if isinstance(skip_sid, (list, tuple, set)) else [skip_sid]
-                for sid in held:
-                    if sid not in skip:
-                        self._gates[sid].append((event, data))
-                skip_sid = skip + held
+        if ((self._gates or self._filters) and isinstance(target, str) and not callback
+                and target not in self._gates and target not in self._filters):
+            skip = list(skip_sid) if isinstance(skip_sid, (list, tuple, set)) else [skip_sid]
+            extra = []
+            for sid, _ in self.get_participants(namespace, target):
+                if sid in skip:
+                    continue
+                if sid in self._gates:
+                    self._gates[sid].append((event, data))
+                    extra.append(sid)
+                elif sid in self._filters and not self._filters[sid](event, data):
+                    extra.append(sid)
+            if extra:
+                skip_sid = skip + extra
         return super().emit(event, data, namespace, room=target, skip_sid=skip_sid,
                             callback=callback, **kwargs)
 
@@ -64,11 +80,53 @@ class ChatManager(GateMixin, Manager):
 
 
 class ChatRedisManager(RedisManager, ChatManager):
-    """The client manager when REDIS_URL is set: broadcasts reach every process."""
+    """The client manager when REDIS_URL is set: broadcasts reach every process.
 
-    # MRO: RedisManager -> PubSubManager -> ChatManager -> GateMixin -> Manager, so an event
-    # published by any process is delivered here by PubSubManager._handle_emit through
-    # GateMixin.emit.
+    MRO: RedisManager -> PubSubManager -> ChatManager -> GateMixin -> Manager, so an event
+    published by any process is delivered here by PubSubManager._handle_emit through
+    GateMixin.emit.
+    """
+
+    #: Chat-room events are published with this host id, which is no process's own, so every
+    #: process (the sender's too) delivers them from the channel, in the channel's one order.
+    RELAY_HOST = "workspace-chat-relay"
+
+    def __init__(self, url: str, **kwargs):
+        db = urlparse(url).path.strip("/") or "0"
+        # Redis pub/sub channels ignore database numbers; name the channel after it, so that
+        # deployments (and test suites) on different databases of one Redis stay apart.
+        kwargs.setdefault("channel", f"workspace-chat-{db}")
+        super().__init__(url, **kwargs)
+
+    def emit(self, event, data, namespace=None, room=None, skip_sid=None, callback=None,
+             to=None, **kwargs):
+        target = to or room
+        if (kwargs.get("ignore_queue") or callback is not None or not isinstance(target, str)
+                or not target.startswith("chat:")):
+            return super().emit(event, data, namespace=namespace, room=target,
+                                skip_sid=skip_sid, callback=callback, **kwargs)
+        # PubSubManager delivers to its own clients first and publishes after, so two
+        # processes could show a chat's messages in different orders. A chat's events go
+        # through the channel only; if Redis is away, this process's clients still get them.
+        message = {"method": "emit", "event": event,
+                   "data": list(data) if isinstance(data, tuple) else [data],
+                   "binary": False, "namespace": namespace or "/", "room": target,
+                   "skip_sid": skip_sid, "callback": None, "host_id": self.RELAY_HOST}
+        if self._publish(message) is None:
+            self._handle_emit(message)
+
+    def disconnect_room(self, namespace: str, room: str) -> None:
+        """Disconnect the room's clients on every process (after events already sent)."""
+        message = {"method": "close_room", "room": room, "namespace": namespace,
+                   "host_id": self.RELAY_HOST, "disconnect": True}
+        if self._publish(message) is None:
+            self._handle_close_room(message)
+
+    def _handle_close_room(self, message):
+        if message.get("disconnect"):
+            for sid, _ in list(self.get_participants(message["namespace"], message["room"])):
+                self.server.disconnect(sid, namespace=message["namespace"], ignore_queue=True)
+        super()._handle_close_room(message)
 
 
 class WithoutWebSocketCompression:

@@ -6,10 +6,8 @@ contract's code, and each adapter renders them its own way.
 """
 from __future__ import annotations
 
-import threading
 import time
 import uuid
-import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -265,27 +263,6 @@ def connection_established(connection: Connection, message_string: dict[str, str
     return payload
 
 
-class _ChatLock:
-    __slots__ = ("lock", "__weakref__")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-
-
-_chat_locks: "weakref.WeakValueDictionary[str, _ChatLock]" = weakref.WeakValueDictionary()
-_chat_locks_guard = threading.Lock()
-
-
-def _chat_lock(chat_id: str) -> _ChatLock:
-    # Store-then-broadcast runs under one lock per chat, so that clients receive a chat's
-    # messages in the order of their ids (green threads under eventlet/gevent).
-    with _chat_locks_guard:
-        lock = _chat_locks.get(chat_id)
-        if lock is None:
-            lock = _chat_locks[chat_id] = _ChatLock()
-        return lock
-
-
 def _message_limiter() -> tuple[MovingWindowRateLimiter, Any]:
     extension = current_app.extensions.get("chat_message_limiter")
     if extension is None:
@@ -384,12 +361,14 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
     agent = _workspace_agent(connection.workspace_id)
     reply_owner = _claim_chat(connection.chat_id, agent)
     try:
-        with _chat_lock(connection.chat_id).lock:
+        with _state().chat_lock(connection.chat_id):
             message = Message(chat_id=connection.chat_id, role="user",
                               user_id=connection.user_pk, content=content,
                               client_message_id=client_message_id)
             db.session.add(message)
             try:
+                db.session.flush()  # the id and time, for the payload, without a reload
+                data = message_payload(message, connection.user_id)
                 db.session.commit()
             except IntegrityError:
                 db.session.rollback()
@@ -401,7 +380,6 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
                 if reply_owner is not None:
                     _state().clear_busy(connection.chat_id, reply_owner)
                 return _ack(connection, original)
-            data = message_payload(message, connection.user_id)
             socketio.emit("message_received", data, to=chat_room(connection.chat_id),
                           namespace=NAMESPACE)
     except BaseException:
