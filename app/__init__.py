@@ -44,7 +44,7 @@ def _init_realtime(app: Flask) -> None:
 
     # A long-polling client may batch more than engineio's default of 16 packets in one
     # request (a burst of typing events and messages); refusing it would drop the client.
-    Payload.max_decode_packets = 100
+    Payload.max_decode_packets = max(Payload.max_decode_packets, 100)  # never lower it
     redis_url = app.config.get("REDIS_URL")
     app.extensions["chat_state"] = create_state(redis_url)
     manager = ChatRedisManager(redis_url) if redis_url else ChatManager()
