@@ -14,7 +14,9 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "10000"))
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "25"))
 timeout = 60
 keepalive = 5
-accesslog = "-" if os.environ.get("ACCESS_LOG", "1") != "0" else None
+# With LOG_FORMAT=json the app logs each request itself, as JSON with its request id.
+_json_logs = os.environ.get("LOG_FORMAT", "text").lower() == "json"
+accesslog = "-" if os.environ.get("ACCESS_LOG", "1") != "0" and not _json_logs else None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # gunicorn 25 opens a control socket in the working directory by default; we do not use it.

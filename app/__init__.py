@@ -1,7 +1,6 @@
 """Workspace Chat: a multi-tenant, real-time chat server on Flask and Flask-SocketIO."""
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Mapping
 
@@ -10,6 +9,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from app.config import Defaults, database_url, from_env
+from app.logs import configure_logging
 
 __all__ = ["create_app"]
 
@@ -28,11 +28,6 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _configure_logging(app: Flask) -> None:
-    level = getattr(logging, app.config.get("LOG_LEVEL", "INFO"), logging.INFO)
-    app.logger.setLevel(level)
-
-
 def _init_realtime(app: Flask) -> None:
     """Socket.IO with our client manager, the shared state and the /chat namespace."""
     from app.chat.delivery import ChatManager, ChatRedisManager, WithoutWebSocketCompression
@@ -46,7 +41,8 @@ def _init_realtime(app: Flask) -> None:
     # request (a burst of typing events and messages); refusing it would drop the client.
     Payload.max_decode_packets = max(Payload.max_decode_packets, 100)  # never lower it
     redis_url = app.config.get("REDIS_URL")
-    app.extensions["chat_state"] = create_state(redis_url)
+    app.extensions["chat_state"] = create_state(redis_url,
+                                                app.config["CONNECTION_LEASE_SECONDS"])
     manager = ChatRedisManager(redis_url) if redis_url else ChatManager()
     socketio.init_app(
         app,
@@ -73,7 +69,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if app.config.get("REDIS_URL") and "RATELIMIT_STORAGE_URI" not in (config or {}):
         app.config["RATELIMIT_STORAGE_URI"] = app.config["REDIS_URL"]
     os.makedirs(app.instance_path, exist_ok=True)
-    _configure_logging(app)
+    configure_logging(app)
 
     from app.extensions import api, db, limiter, migrate, socketio
     from app.errors import register_error_handlers

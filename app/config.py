@@ -58,6 +58,7 @@ def from_env(env: Mapping[str, str], instance_path: str) -> dict[str, Any]:
         "RATE_LIMIT_REST": env.get("RATE_LIMIT_REST") or "100/minute",
         "RATE_LIMIT_MESSAGES": env.get("RATE_LIMIT_MESSAGES") or "10/second",
         "MAX_CONNECTIONS_PER_TENANT": _int(env, "MAX_CONNECTIONS_PER_TENANT", 50),
+        "CONNECTION_LEASE_SECONDS": _int(env, "CONNECTION_LEASE_SECONDS", 60),
         "CORS_ORIGINS": cors,
         "ASYNC_MODE": async_mode,
         "WS_COMPRESSION": _bool(env, "WS_COMPRESSION"),
@@ -85,3 +86,5 @@ class Defaults:
     RATELIMIT_HEADERS_ENABLED = True
     RATELIMIT_STORAGE_URI = "memory://"
     RATELIMIT_ENABLED = True
+    # With Redis storage: if Redis is unreachable, count in memory rather than fail requests.
+    RATELIMIT_IN_MEMORY_FALLBACK_ENABLED = True

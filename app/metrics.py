@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 
 from flask import Flask, Response, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
 
 
 class Metrics:
@@ -25,6 +26,26 @@ class Metrics:
         self.errors = Counter(
             "workspace_chat_errors_total", "Errors answered, by contract error code.",
             ["code", "transport"], registry=self.registry)
+        self.connections = Gauge(
+            "workspace_chat_socket_connections", "Socket.IO connections open on this process.",
+            registry=self.registry)
+        self.connects = Counter(
+            "workspace_chat_socket_connects_total", "Socket.IO connections accepted.",
+            registry=self.registry)
+        self.messages = Counter(
+            "workspace_chat_messages_total", "User messages stored and broadcast.",
+            registry=self.registry)
+        self.message_latency = Histogram(
+            "workspace_chat_message_seconds",
+            "Time from receiving a message event to its ack (checks, store, broadcast).",
+            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
+            registry=self.registry)
+        self.agent_replies = Counter(
+            "workspace_chat_agent_replies_total", "Agent replies, by kind and finish reason.",
+            ["kind", "finish_reason"], registry=self.registry)
+        self.agent_reply_seconds = Histogram(
+            "workspace_chat_agent_reply_seconds", "Time an agent reply streamed.",
+            ["kind"], buckets=(.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=self.registry)
         app.extensions["metrics"] = self
         app.before_request(self._start_timer)
         app.after_request(self._record)

@@ -212,10 +212,10 @@ class MemoryState:
         return self._chat_locks.hold(chat_id)
 
 
-def create_state(redis_url: str | None) -> SharedState:
+def create_state(redis_url: str | None, connection_lease: float = 60.0) -> SharedState:
     """The state implementation for this configuration."""
     if redis_url:
-        from app.state_redis import RedisState
+        from app.state_redis import RedisState, ResilientState
 
-        return RedisState(redis_url)
+        return ResilientState(RedisState(redis_url, connection_lease=connection_lease))
     return MemoryState()

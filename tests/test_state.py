@@ -103,3 +103,38 @@ def test_stream_progress_holds_the_tokens_so_far_of_the_named_reply(state):
     assert state.stream_progress("c1") is not None
     state.stream_end("c1", "41")
     assert state.stream_progress("c1") is None
+
+
+def test_without_redis_the_resilient_state_keeps_serving_from_this_process():
+    from app.state_redis import RedisState, ResilientState
+
+    # Nothing listens on port 1: every Redis call fails at once.
+    state = ResilientState(RedisState("redis://127.0.0.1:1/0"))
+    assert state.spend("k", 60) is True and state.spend("k", 60) is False
+    assert state.acquire_connection("t", "s1", 1) is True
+    assert state.acquire_connection("t", "s2", 1) is False
+    assert state.mark_busy("c", "r1", 60) and state.busy_owner("c") == "r1"
+    state.request_stop("c", "r1", 60)
+    assert state.stop_requested("c", "r1")
+    state.stream_begin("c", "9", "8", 60)
+    state.stream_append("c", "9", "x")
+    assert state.stream_progress("c").content == "x"
+    with state.chat_lock("c"):
+        pass
+
+
+def test_a_string_spent_while_redis_was_away_stays_spent_when_it_returns():
+    import redis
+
+    from app.state_redis import RedisState, ResilientState
+
+    primary = RedisState(REDIS_TEST_URL, prefix=f"wc-test-{uuid.uuid4().hex[:8]}:")
+    try:
+        primary.redis.ping()
+    except redis.RedisError as exc:
+        service_missing("Redis", exc)
+    resilient = ResilientState(primary)
+    resilient.fallback.spend("spent-offline", 60)  # as during an outage
+    assert resilient.spend("spent-offline", 60) is False
+    assert resilient.is_spent("spent-offline")
+    assert resilient.spend("fresh", 60) is True and resilient.spend("fresh", 60) is False

@@ -67,7 +67,8 @@ def _run(app: Flask, job: ReplyJob) -> None:
         try:
             Reply(app, job).run()
         except Exception:
-            app.logger.exception("agent reply in chat %s failed", job.chat_id)
+            app.logger.exception("agent reply failed", extra={"chat_id": job.chat_id,
+                                                                "tenant_id": job.tenant_id})
             app.extensions["chat_state"].clear_busy(job.chat_id, job.owner)
         finally:
             db.session.remove()
@@ -132,7 +133,12 @@ class Reply:
                                 ttl=self.timeout + 60)
         self._emit("message_stream_started", {"message_id": message_id, "chat_id": job.chat_id,
                                               "reply_to": str(user_message.id)})
+        started = time.monotonic()
         finish_reason, failure = self._stream(agent, context, message_id)
+        metrics = self.app.extensions["metrics"]
+        kind = str(job.config.get("kind"))
+        metrics.agent_replies.labels(kind, finish_reason).inc()
+        metrics.agent_reply_seconds.labels(kind).observe(time.monotonic() - started)
         content = "".join(self.tokens)
         reply.content = content
         reply.finish_reason = finish_reason
@@ -169,7 +175,8 @@ class Reply:
             except AgentError as exc:
                 queue.put(("error", f"The agent failed: {exc}."))
             except Exception:
-                self.app.logger.exception("agent in chat %s raised", job.chat_id)
+                self.app.logger.exception("agent raised", extra={
+                    "chat_id": job.chat_id, "tenant_id": job.tenant_id})
                 queue.put(("error", "The agent failed."))
             finally:
                 close = getattr(tokens, "close", None)

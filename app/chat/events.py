@@ -10,13 +10,14 @@ from app.chat import service
 from app.chat.service import NAMESPACE, Connection
 from app.errors import ApiError
 
-LEASE_RENEWAL_SECONDS = 20
+
+
+def _metrics():
+    return current_app.extensions["metrics"]
 
 
 def _count_error(code: str) -> None:
-    metrics = current_app.extensions.get("metrics")
-    if metrics is not None:
-        metrics.errors.labels(code, "socketio").inc()
+    _metrics().errors.labels(code, "socketio").inc()
 
 
 class ChatNamespace(Namespace):
@@ -44,6 +45,8 @@ class ChatNamespace(Namespace):
                                                    "message": message}) from None
         try:
             self._establish(connection, first)
+            _metrics().connects.inc()
+            _metrics().connections.inc()
             self._renew_leases_in_background()
         except Exception:
             self._forget(sid)
@@ -85,7 +88,7 @@ class ChatNamespace(Namespace):
 
         def renew() -> None:
             while True:
-                self.socketio.sleep(LEASE_RENEWAL_SECONDS)
+                self.socketio.sleep(state.connection_lease / 3)
                 by_tenant: dict[str, list[str]] = {}
                 for connection in list(self.connections.values()):
                     by_tenant.setdefault(connection.tenant_id, []).append(connection.sid)
@@ -104,6 +107,7 @@ class ChatNamespace(Namespace):
         self.socketio.server.manager.drop_gate(sid)
         connection = self.connections.pop(sid, None)
         if connection is not None:
+            _metrics().connections.dec()
             service.release_connection(connection)
 
     # -- events -----------------------------------------------------------------------------
@@ -131,7 +135,11 @@ class ChatNamespace(Namespace):
 
     def on_message(self, *args: Any) -> dict[str, Any]:
         payload = args[0] if len(args) == 1 else None
-        return self._call(lambda: service.post_message(self._connection(), payload))
+        with _metrics().message_latency.time():
+            ack = self._call(lambda: service.post_message(self._connection(), payload))
+        if ack.get("ok"):
+            _metrics().messages.inc()
+        return ack
 
     def on_get_message_string(self, *args: Any) -> dict[str, Any]:
         return self._call(lambda: service.new_message_string(self._connection()))
