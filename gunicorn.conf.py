@@ -1,5 +1,10 @@
 """gunicorn settings for the Procfile's web: line (read from the environment like the app)."""
 import os
+import warnings
+
+# eventlet is our users' choice (see docs/operations.md); its deprecation notice would be
+# printed by every worker, as text even when LOG_FORMAT=json.
+warnings.filterwarnings("ignore", message="\nEventlet is deprecated")
 
 _mode = os.environ.get("ASYNC_MODE", "eventlet").strip().lower()
 
@@ -18,6 +23,10 @@ keepalive = 5
 _json_logs = os.environ.get("LOG_FORMAT", "text").lower() == "json"
 accesslog = "-" if os.environ.get("ACCESS_LOG", "1") != "0" and not _json_logs else None
 errorlog = "-"
+if _json_logs:
+    from app.jsonlog import gunicorn_logconfig
+
+    logconfig_dict = gunicorn_logconfig(json_format=True)
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # gunicorn 25 opens a control socket in the working directory by default; we do not use it.
 control_socket_disable = True

@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from flask import Flask
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
-
-from app.config import Defaults, database_url, from_env
-from app.logs import configure_logging
+if TYPE_CHECKING:  # nothing heavy at import: gunicorn's master imports app.jsonlog early
+    from flask import Flask
 
 __all__ = ["create_app"]
 
@@ -28,7 +24,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _init_realtime(app: Flask) -> None:
+def _init_realtime(app: "Flask") -> None:
     """Socket.IO with our client manager, the shared state and the /chat namespace."""
     from app.chat.delivery import ChatManager, ChatRedisManager, WithoutWebSocketCompression
     from app.chat.events import chat_namespace
@@ -54,10 +50,19 @@ def _init_realtime(app: Flask) -> None:
     socketio.on_namespace(chat_namespace)
     if not app.config["WS_COMPRESSION"]:
         app.wsgi_app = WithoutWebSocketCompression(app.wsgi_app)
+    from app.logs import ErrorsToLogging
+
+    app.wsgi_app = ErrorsToLogging(app.wsgi_app, app.logger)
 
 
-def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+def create_app(config: Mapping[str, Any] | None = None) -> "Flask":
     """Build the app: config, extensions, blueprints, CLI and error handlers."""
+    from flask import Flask
+    from sqlalchemy import event
+
+    from app.config import Defaults, database_url, from_env
+    from app.logs import configure_logging
+
     app = Flask(__name__, instance_relative_config=True)
     app.config.from_object(Defaults)
     app.config.update(from_env(os.environ, app.instance_path))

@@ -5,18 +5,16 @@ and the Socket.IO connection.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
 
 from flask import Flask, Response, g, has_request_context, request
 
-CONTEXT_FIELDS = ("request_id", "tenant_id", "chat_id", "sid", "event", "method", "path",
-                  "status", "duration_ms", "remote_addr")
+from app.jsonlog import JsonFormatter
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -44,26 +42,6 @@ class ContextFilter(logging.Filter):
             if isinstance(event, dict):
                 record.event = event.get("message")
         return True
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, context, exception."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        payload = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc)
-            .strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for name in CONTEXT_FIELDS:
-            value = getattr(record, name, None)
-            if value is not None:
-                payload[name] = value
-        if record.exc_info:
-            payload["exception"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
 
 
 def configure_logging(app: Flask) -> None:
@@ -103,3 +81,40 @@ def _finish_request(app: Flask, log_access: bool):
         return response
 
     return finish
+
+
+class _ErrorStream:
+    """``wsgi.errors`` that goes through logging (so LOG_FORMAT=json holds for it too).
+
+    eventlet writes "socket shutdown error: [Errno 9]" there when it closes a WebSocket the
+    client already closed; that is routine, so it is logged at debug level.
+    """
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+
+    def write(self, text: str) -> None:
+        text = text.strip()
+        if not text:
+            return
+        level = logging.DEBUG if "socket shutdown error" in text else logging.WARNING
+        self.logger.log(level, text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        pass
+
+
+class ErrorsToLogging:
+    """WSGI middleware: the server's error stream for this request is the app's logger."""
+
+    def __init__(self, wsgi_app, logger: logging.Logger):
+        self.wsgi_app = wsgi_app
+        self.stream = _ErrorStream(logger)
+
+    def __call__(self, environ, start_response):
+        environ["wsgi.errors"] = self.stream
+        return self.wsgi_app(environ, start_response)

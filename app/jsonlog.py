@@ -1,0 +1,49 @@
+"""JSON log lines, with only the standard library (gunicorn's master imports this before
+eventlet patches anything, so nothing here may import Flask)."""
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+
+CONTEXT_FIELDS = ("request_id", "tenant_id", "chat_id", "sid", "event", "method", "path",
+                  "status", "duration_ms", "remote_addr")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, context, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc)
+            .strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                payload[name] = value
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def gunicorn_logconfig(json_format: bool) -> dict:
+    """gunicorn's own log lines in the same format as the app's."""
+    formatter = ({"()": "app.jsonlog.JsonFormatter"} if json_format else
+                 {"format": "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"})
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default",
+                                "stream": "ext://sys.stderr"}},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+            # the app logs each request itself, with its request id
+            "gunicorn.access": {"level": "WARNING", "handlers": ["stderr"], "propagate": False},
+        },
+        "root": {"level": "WARNING", "handlers": ["stderr"]},
+    }
