@@ -25,7 +25,7 @@ from app.errors import ApiError
 from app.extensions import db, socketio
 from app.models import Chat, Message, Tenant, User, Workspace, utcnow
 from app.pagination import paginate
-from app.schemas import MessageSchema, is_valid_user_id
+from app.schemas import USER_ID_ERROR, MessageSchema, is_valid_user_id
 from app.state import SharedState, StreamProgress
 from app.tokens import (TokenExpired, TokenInvalid, issue_connection_string,
                         issue_message_string, to_iso, verify_connection_string,
@@ -189,7 +189,7 @@ def authorize_connection(sid: str, auth: Any, query: Mapping[str, Any]) -> tuple
     else:
         if not is_valid_user_id(user_id):
             raise ApiError("validation_error", "The user id is not valid.",
-                           {"user_id": ["Must be 1-128 characters of A-Z a-z 0-9 _ . @ : -"]})
+                           {"user_id": [USER_ID_ERROR]})
         tenant = tenant_for_api_key(api_key)
         if tenant is None:
             raise ApiError("invalid_api_key", "The API key is not valid.")
@@ -400,16 +400,16 @@ def _workspace_agent(workspace_id: str) -> dict[str, Any]:
 def _claim_chat(chat_id: str, agent: dict[str, Any]) -> str | None:
     """Refuse with ``chat_busy`` while a reply streams; when this message will get a reply,
     mark the chat busy at once (atomically), so that no second message slips in."""
+    busy = ApiError("chat_busy", "The agent is still replying in this chat; wait for it or "
+                    "stop it.")
     if agent_for(agent) is None:
         if _state().busy_owner(chat_id) is not None:
-            raise ApiError("chat_busy", "The agent is still replying in this chat; wait for "
-                           "it or stop it.")
+            raise busy
         return None
     owner = uuid.uuid4().hex
     ttl = float(current_app.config["AGENT_TIMEOUT"]) + 30
     if not _state().mark_busy(chat_id, owner, ttl):
-        raise ApiError("chat_busy", "The agent is still replying in this chat; wait for it "
-                       "or stop it.")
+        raise busy
     return owner
 
 
