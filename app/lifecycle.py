@@ -15,6 +15,7 @@ from typing import Any
 from flask import Flask
 
 REPLY_DRAIN_SECONDS = 10.0
+ENDED_DELIVERY_SECONDS = 0.5
 
 
 def drain(app: Flask) -> None:
@@ -30,8 +31,12 @@ def drain(app: Flask) -> None:
         app.logger.info("shutting down: ending %d streaming replies", active_replies())
         end_all_replies()
         deadline = time.monotonic() + REPLY_DRAIN_SECONDS
+        ending = active_replies()
         while active_replies() and time.monotonic() < deadline:
             socketio.sleep(0.05)
+        if ending:
+            # message_stream_ended may come back through the Redis channel; let it arrive.
+            socketio.sleep(ENDED_DELIVERY_SECONDS)
         sids = list(chat_namespace.connections)
         app.logger.info("shutting down: closing %d connections", len(sids))
         for sid in sids:

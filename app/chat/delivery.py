@@ -11,6 +11,7 @@ Every broadcast, local or arriving from another process through Redis, passes th
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 from urllib.parse import urlparse
 
@@ -112,15 +113,48 @@ class ChatRedisManager(RedisManager, ChatManager):
                    "data": list(data) if isinstance(data, tuple) else [data],
                    "binary": False, "namespace": namespace or "/", "room": target,
                    "skip_sid": skip_sid, "callback": None, "host_id": self.RELAY_HOST}
-        if self._publish(message) is None:
+        if not self._relay(message):
             self._handle_emit(message)
 
     def disconnect_room(self, namespace: str, room: str) -> None:
         """Disconnect the room's clients on every process (after events already sent)."""
         message = {"method": "close_room", "room": room, "namespace": namespace,
                    "host_id": self.RELAY_HOST, "disconnect": True}
-        if self._publish(message) is None:
+        if not self._relay(message):
             self._handle_close_room(message)
+
+    def _relay(self, message: dict) -> bool:
+        """Publish for every process; False when this process will not hear it back (Redis
+        away, or this process's subscription not restored yet), so it must deliver it."""
+        if not self.listening:
+            self._publish(message)  # other processes may be subscribed
+            return False
+        receivers = self._publish(message)
+        return bool(receivers)
+
+    listening = False
+
+    def _redis_listen_with_retries(self):
+        # python-socketio's loop, plus the `listening` flag, and retries capped at 5 s (not
+        # 60 s): while this process is not subscribed, it delivers its own events itself.
+        retry_sleep = 1
+        subscribed = False
+        while True:
+            try:
+                if not subscribed:
+                    self._redis_connect()
+                    self.pubsub.subscribe(self.channel)
+                    subscribed = True
+                    retry_sleep = 1
+                self.listening = True
+                yield from self.pubsub.listen()
+            except Exception as exc:
+                self.listening = False
+                self._get_logger().error("Cannot receive from redis; retrying in %s s (%s)",
+                                         retry_sleep, exc)
+                subscribed = False
+                time.sleep(retry_sleep)
+                retry_sleep = min(retry_sleep * 2, 5)
 
     def _handle_close_room(self, message):
         if message.get("disconnect"):
