@@ -114,6 +114,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> "Flask":
     from app.admin.cli import demo_cli, tenants_cli
 
     app.register_blueprint(health_bp)
+    from app.ws.routes import bp as ws_bp
+
+    app.register_blueprint(ws_bp)
+    limiter.exempt(ws_bp)
+    if app.config["DEMO"]:
+        from app.demo.routes import bp as demo_bp
+
+        app.register_blueprint(demo_bp)
+        limiter.exempt(demo_bp)
     app.register_blueprint(tenants_cli)
     app.register_blueprint(demo_cli)
     limiter.exempt(health_bp)

@@ -90,7 +90,8 @@ class RedisState:
         with self.redis.pipeline(transaction=False) as pipe:
             for tenant_id, sids in by_tenant.items():
                 if sids:
-                    pipe.zadd(self._k("conn", tenant_id), {sid: expires for sid in sids}, xx=True)
+                    # Re-added if a late renewal let them lapse: they are alive here.
+                    pipe.zadd(self._k("conn", tenant_id), {sid: expires for sid in sids})
                     pipe.pexpire(self._k("conn", tenant_id), int(self.connection_lease * 1000))
             pipe.execute()
 

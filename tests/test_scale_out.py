@@ -42,7 +42,7 @@ REDIS_URL = "redis://127.0.0.1:6379/11"
 
 REST_LIMIT = 30
 CONNECTION_LIMIT = 4
-LEASE_SECONDS = 3
+LEASE_SECONDS = 5  # short, so the SIGKILL test is quick; renewed every third of it
 
 SCALE_ENV = {
     "RATE_LIMIT_REST": f"{REST_LIMIT}/minute",

@@ -32,6 +32,32 @@ class GateMixin:
         super().__init__(*args, **kwargs)
         self._gates: dict[str, list[tuple[str, Any]]] = {}
         self._filters: dict[str, Keep] = {}
+        # Clients that are not Socket.IO sessions (the plain WebSocket endpoint): room ->
+        # {id: (deliver(event, data), close())}. They get the same events, gated the same way.
+        self._listeners: dict[str, dict[str, tuple[Callable[[str, Any], None],
+                                                   Callable[[], None]]]] = {}
+
+    def add_listener(self, room: str, listener_id: str, deliver: Callable[[str, Any], None],
+                     close: Callable[[], None]) -> None:
+        """Deliver the room's events to a non-Socket.IO client of this process."""
+        self._listeners.setdefault(room, {})[listener_id] = (deliver, close)
+
+    def remove_listener(self, room: str, listener_id: str) -> None:
+        listeners = self._listeners.get(room)
+        if listeners is not None:
+            listeners.pop(listener_id, None)
+            if not listeners:
+                del self._listeners[room]
+        self.drop_gate(listener_id)
+
+    def _deliver_to_listeners(self, event: str, data: Any, room: str, skip: list) -> None:
+        for listener_id, (deliver, _) in list(self._listeners.get(room, {}).items()):
+            if listener_id in skip:
+                continue
+            if listener_id in self._gates:
+                self._gates[listener_id].append((event, data))
+            elif listener_id not in self._filters or self._filters[listener_id](event, data):
+                deliver(event, data)
 
     def gate(self, sid: str) -> None:
         """Start holding room events for ``sid`` (events sent to the sid itself pass)."""
@@ -42,9 +68,15 @@ class GateMixin:
         and apply ``keep`` to the sid's room events from now on."""
         held = self._gates.pop(sid, None) or ()
         self._filters[sid] = keep
+        listener = next((entry for listeners in self._listeners.values()
+                         for listener_id, entry in listeners.items() if listener_id == sid),
+                        None)
         for event, data in held:
             if keep(event, data):
-                Manager.emit(self, event, data, namespace, to=sid)
+                if listener is not None:
+                    listener[0](event, data)
+                else:
+                    Manager.emit(self, event, data, namespace, to=sid)
 
     def drop_gate(self, sid: str) -> None:
         self._gates.pop(sid, None)
@@ -53,6 +85,9 @@ class GateMixin:
     def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None,
              **kwargs):
         target = to or room
+        if (isinstance(target, str) and target in self._listeners and not callback):
+            skip = list(skip_sid) if isinstance(skip_sid, (list, tuple, set)) else [skip_sid]
+            self._deliver_to_listeners(event, data, target, skip)
         if ((self._gates or self._filters) and isinstance(target, str) and not callback
                 and target not in self._gates and target not in self._filters):
             skip = list(skip_sid) if isinstance(skip_sid, (list, tuple, set)) else [skip_sid]
@@ -72,8 +107,13 @@ class GateMixin:
 
     def disconnect_room(self, namespace: str, room: str) -> None:
         """Disconnect every client of this process that is in ``room``."""
+        self._close_listeners(room)
         for sid, _ in list(self.get_participants(namespace, room)):
             self.server.disconnect(sid, namespace=namespace)
+
+    def _close_listeners(self, room: str) -> None:
+        for _, close in list(self._listeners.get(room, {}).values()):
+            close()
 
 
 class ChatManager(GateMixin, Manager):
@@ -158,6 +198,7 @@ class ChatRedisManager(RedisManager, ChatManager):
 
     def _handle_close_room(self, message):
         if message.get("disconnect"):
+            self._close_listeners(message["room"])
             for sid, _ in list(self.get_participants(message["namespace"], message["room"])):
                 self.server.disconnect(sid, namespace=message["namespace"], ignore_queue=True)
         super()._handle_close_room(message)
