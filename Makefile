@@ -3,10 +3,17 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
+DEMO_JS := app/demo/node_modules/.package-lock.json
 
 .PHONY: install run test clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(DEMO_JS)
+
+# The demo page's socket.io client, served by the app itself (no CDN): installed again when
+# node_modules is missing or package-lock.json changed.
+$(DEMO_JS): app/demo/package.json app/demo/package-lock.json
+	npm ci --prefix app/demo --no-audit --no-fund --loglevel=error
+	touch $@
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
