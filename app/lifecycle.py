@@ -18,32 +18,45 @@ REPLY_DRAIN_SECONDS = 10.0
 ENDED_DELIVERY_SECONDS = 0.5
 
 
-def drain(app: Flask) -> None:
-    """End this process's replies and disconnect its Socket.IO clients."""
+def end_replies(app: Flask) -> bool:
+    """End this process's streaming replies (stored, ``cancelled``); False if already done."""
     from app.agents.runner import active_replies, end_all_replies
-    from app.chat.events import chat_namespace
     from app.extensions import socketio
 
     if app.extensions.get("draining"):
-        return  # SIGTERM may arrive twice: from the platform and from gunicorn's master
+        return False  # SIGTERM may arrive twice: from the platform and from gunicorn's master
     app.extensions["draining"] = True
     with app.app_context():
         app.logger.info("shutting down: ending %d streaming replies", active_replies())
+        ending = active_replies()
         end_all_replies()
         deadline = time.monotonic() + REPLY_DRAIN_SECONDS
-        ending = active_replies()
         while active_replies() and time.monotonic() < deadline:
             socketio.sleep(0.05)
         if ending:
             # message_stream_ended may come back through the Redis channel; let it arrive.
             socketio.sleep(ENDED_DELIVERY_SECONDS)
-        sids = list(chat_namespace.connections)
-        app.logger.info("shutting down: closing %d connections", len(sids))
-        for sid in sids:
+    return True
+
+
+def close_connections(app: Flask) -> None:
+    """Disconnect this process's clients, and any that still get in, until it exits."""
+    from app.chat.events import chat_namespace
+    from app.extensions import socketio
+
+    with app.app_context():
+        app.logger.info("shutting down: closing %d connections",
+                        len(chat_namespace.connections))
+    # gunicorn stops accepting about a second after it is told to: keep closing whatever
+    # arrives until the process exits.
+    while True:
+        socketio.server.manager.close_all_listeners()  # /ws/chat clients
+        for sid in list(chat_namespace.connections):
             try:
                 socketio.server.disconnect(sid, namespace="/chat")
             except Exception:  # a client that is already gone
-                app.logger.debug("disconnect of %s failed", sid, exc_info=True)
+                pass
+        socketio.sleep(0.25)
 
 
 def install_graceful_shutdown(worker: Any) -> None:
@@ -53,13 +66,13 @@ def install_graceful_shutdown(worker: Any) -> None:
     app = worker.wsgi
     gunicorn_handle_exit = worker.handle_exit
 
-    def drain_then_exit(sig, frame) -> None:
-        try:
-            drain(app)
-        finally:
-            gunicorn_handle_exit(sig, frame)
+    def shut_down(sig, frame) -> None:
+        if not end_replies(app):
+            return
+        gunicorn_handle_exit(sig, frame)  # stop accepting; exit once connections are closed
+        close_connections(app)
 
     def on_sigterm(sig, frame) -> None:
-        socketio.start_background_task(drain_then_exit, sig, frame)
+        socketio.start_background_task(shut_down, sig, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)

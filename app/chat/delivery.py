@@ -115,6 +115,11 @@ class GateMixin:
         for _, close in list(self._listeners.get(room, {}).values()):
             close()
 
+    def close_all_listeners(self) -> None:
+        """End every non-Socket.IO client of this process (shutdown)."""
+        for room in list(self._listeners):
+            self._close_listeners(room)
+
 
 class ChatManager(GateMixin, Manager):
     """The client manager for one process."""
