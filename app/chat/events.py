@@ -65,18 +65,10 @@ class ChatNamespace(Namespace):
         self.connections[sid] = connection
         manager.gate(sid)
         join_room(service.chat_room(connection.chat_id))
-        progress = service.stream_progress(connection)
-        missed, truncated = service.missed_messages(connection)
-        string = service.new_message_string(connection)
-        if first:
-            emit("user_created", {"user_id": connection.user_id})
-        emit("connection_established", service.connection_established(connection, string,
-                                                                       truncated))
-        for message in missed:
-            emit("message_received", message)
-        if progress is not None:
-            emit("message_stream_started", service.stream_started_so_far(connection, progress))
-        manager.open_gate(sid, NAMESPACE, service.catch_up_filter(connection, missed, progress))
+        events, keep = service.catch_up(connection, first)
+        for event, data in events:
+            emit(event, data)
+        manager.open_gate(sid, NAMESPACE, keep)
 
     def _renew_leases_in_background(self) -> None:
         # With Redis, a connection counts towards its tenant's limit only while its process

@@ -493,3 +493,24 @@ def catch_up_filter(connection: Connection, replayed: list[dict],
         return True
 
     return keep
+
+
+def catch_up(connection: Connection, first: bool):
+    """What a client joining a chat is sent, in order, and the filter for its held events.
+
+    Called after the client's room traffic is gated: ``user_created`` (first connection
+    only), ``connection_established``, every missed message, the reply streaming now
+    (``content_so_far``). The progress is read before the history, see catch_up_filter.
+    """
+    progress = stream_progress(connection)
+    missed, truncated = missed_messages(connection)
+    established = connection_established(connection, new_message_string(connection),
+                                         truncated)
+    events: list[tuple[str, dict]] = []
+    if first:
+        events.append(("user_created", {"user_id": connection.user_id}))
+    events.append(("connection_established", established))
+    events.extend(("message_received", message) for message in missed)
+    if progress is not None:
+        events.append(("message_stream_started", stream_started_so_far(connection, progress)))
+    return events, catch_up_filter(connection, missed, progress)

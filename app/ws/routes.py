@@ -82,22 +82,12 @@ class PlainWebSocketClient:
         room = service.chat_room(connection.chat_id)
         manager.gate(self.id)
         manager.add_listener(room, self.id, self.send, self.close)
-        progress = service.stream_progress(connection)
-        missed, truncated = service.missed_messages(connection)
-        string = service.new_message_string(connection)
-        self.message_string = string["message_string"]
-        if first:
-            self.send("user_created", {"user_id": connection.user_id})
-        established = service.connection_established(connection, string, truncated)
-        established["sid"] = self.id
-        self.send("connection_established", established)
-        for message in missed:
-            self.send("message_received", message)
-        if progress is not None:
-            self.send("message_stream_started",
-                      service.stream_started_so_far(connection, progress))
-        manager.open_gate(self.id, NAMESPACE,
-                          service.catch_up_filter(connection, missed, progress))
+        events, keep = service.catch_up(connection, first)
+        for event, data in events:
+            if event == "connection_established":
+                self.message_string = data["message_string"]
+            self.send(event, data)
+        manager.open_gate(self.id, NAMESPACE, keep)
         return True
 
     def leave(self) -> None:
