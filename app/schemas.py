@@ -8,6 +8,7 @@ from datetime import datetime
 from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 
 from app.pagination import PaginationArgs
+from app.timefmt import iso_z
 
 USER_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
 USER_ID_ERROR = "Must be 1-128 characters of A-Z a-z 0-9 _ . @ : -"
@@ -39,7 +40,7 @@ class UtcDateTime(fields.DateTime):
     def _serialize(self, value: datetime | None, attr, obj, **kwargs):
         if value is None:
             return None
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        return iso_z(value)
 
 
 class UserId(fields.String):

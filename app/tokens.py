@@ -9,6 +9,8 @@ from typing import Any
 from flask import current_app
 from itsdangerous import BadSignature, URLSafeSerializer
 
+from app.timefmt import iso_z
+
 CONNECTION_SALT = "workspace-chat.connection-string"
 MESSAGE_SALT = "workspace-chat.message-string"
 
@@ -34,7 +36,7 @@ def _serializer(salt: str) -> URLSafeSerializer:
 
 def to_iso(ts: float) -> str:
     """A Unix time as ISO 8601 UTC with a trailing Z."""
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return iso_z(datetime.fromtimestamp(ts, timezone.utc))
 
 
 def _issue(salt: str, payload: dict[str, Any], ttl: int) -> tuple[str, float]:

@@ -27,6 +27,7 @@ from app.models import Chat, Message, Tenant, User, Workspace, utcnow
 from app.pagination import paginate
 from app.schemas import USER_ID_ERROR, MessageSchema, is_valid_user_id
 from app.state import SharedState, StreamProgress
+from app.timefmt import iso_z
 from app.tokens import (TokenExpired, TokenInvalid, issue_connection_string,
                         issue_message_string, to_iso, verify_connection_string,
                         verify_message_string)
@@ -419,7 +420,7 @@ def message_payload(message: Message, user_id: str | None) -> dict[str, Any]:
             "user_id": user_id, "content": message.content,
             "client_message_id": message.client_message_id,
             "reply_to": str(message.reply_to) if message.reply_to is not None else None,
-            "created_at": message.created_at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"}
+            "created_at": iso_z(message.created_at)}
 
 
 def _ack(connection: Connection, message: Message, data: dict | None = None) -> dict[str, Any]:
