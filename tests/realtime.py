@@ -10,6 +10,8 @@ import requests
 import socketio
 from engineio.payload import Payload
 
+from app.client.client import OrderedSocketIOClient
+
 # python-engineio's client drops a long-polling response holding more than 16 packets (a
 # replay or a fast stream does hold more), so clients over polling must raise the limit.
 Payload.max_decode_packets = 10_000
@@ -122,7 +124,9 @@ class ChatClient:
 def connect(url: str, auth: dict | None = None, transport: str = "websocket",
             query: str = "") -> ChatClient:
     """Connect to /chat; on refusal the client is returned with ``connect_error`` set."""
-    sio = socketio.Client(reconnection=False)
+    # python-socketio's own Client handles each packet in a new thread, so a loaded machine
+    # could record events out of the order they arrived in.
+    sio = OrderedSocketIOClient(reconnection=False)
     client = ChatClient(sio)
     sio.on("*", client._record, namespace=NAMESPACE)
 

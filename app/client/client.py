@@ -317,7 +317,9 @@ class _OrderedEngineIOClient(engineio.Client):
                 return
 
 
-class _SocketIOClient(socketio.Client):
+class OrderedSocketIOClient(socketio.Client):
+    """python-socketio's Client, handling received packets in the order they arrived."""
+
     def _engineio_client_class(self):
         return _OrderedEngineIOClient
 
@@ -327,7 +329,7 @@ class _Connection:
 
     def __init__(self, chat_id: str, request_timeout: float):
         self.chat_id = chat_id
-        self.sio = _SocketIOClient(reconnection=False, handle_sigint=False,
+        self.sio = OrderedSocketIOClient(reconnection=False, handle_sigint=False,
                                    request_timeout=request_timeout)
         self.established = False
         self.closing = False        # we are closing it
