@@ -28,6 +28,15 @@ REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
 ADMIN_TOKEN = "test-admin-token"
 
+# Fuzzing (hypothesis): no per-example deadline (a real server on a shared machine is noisy),
+# no example database in the repo, and under CI a fixed seed so a red run can be replayed.
+from hypothesis import HealthCheck, settings as hypothesis_settings  # noqa: E402
+
+hypothesis_settings.register_profile(
+    "suite", deadline=None, database=None, derandomize=os.environ.get("CI") == "true",
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+hypothesis_settings.load_profile("suite")
+
 
 def service_missing(what: str, exc: Exception) -> None:
     """Fail under REQUIRE_SERVICES=1 (CI), skip otherwise."""
