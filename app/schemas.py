@@ -204,12 +204,33 @@ class MessageSchema(Schema):
     created_at = UtcDateTime()
 
 
+def _at_most(bound: str) -> str:
+    """A regex for the decimal strings of ``len(bound)`` ASCII digits not above ``bound``."""
+    alternatives = []
+    for i, digit in enumerate(bound):
+        if digit != "0":
+            rest = len(bound) - i - 1
+            lower = "0" if digit == "1" else f"[0-{int(digit) - 1}]"
+            alternatives.append(bound[:i] + lower + (f"[0-9]{{{rest}}}" if rest else ""))
+    return "|".join(alternatives + [bound])
+
+
+#: A message id in a query string: ASCII digits (str.isdigit also takes "²" and "٣"), 0..MAX_ID,
+#: written as a regex so that the OpenAPI document states exactly what is accepted.
+MESSAGE_ID_PATTERN = (f"^(?:[0-9]{{1,{len(str(MAX_ID)) - 1}}}|"
+                      f"{_at_most(str(MAX_ID))})$")
+MESSAGE_ID_RE = re.compile(MESSAGE_ID_PATTERN)
+
+
 class MessageIdArg(fields.String):
     """A message id in a query string (ids are decimal strings)."""
 
+    def __init__(self, **kwargs):
+        super().__init__(metadata={"pattern": MESSAGE_ID_PATTERN}, **kwargs)
+
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
-        if not value.isdigit() or len(value) > 19 or int(value) > MAX_ID:
+        if MESSAGE_ID_RE.fullmatch(value) is None:
             raise ValidationError("Must be a message id.")
         return int(value)
 
