@@ -31,7 +31,17 @@ AGENT_SECRETS = ("api_key", "secret")
 
 def is_valid_user_id(value: object) -> bool:
     """Whether ``value`` is a well-formed tenant-scoped user id."""
-    return isinstance(value, str) and USER_ID_RE.match(value) is not None
+    # fullmatch: with re.match, "$" also matches before a trailing newline ("ann\n").
+    return isinstance(value, str) and USER_ID_RE.fullmatch(value) is not None
+
+
+class FullMatch(validate.Regexp):
+    """validate.Regexp over the whole string (its re.match lets "$" pass a trailing newline)."""
+
+    def __call__(self, value):
+        if self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
 
 
 class UtcDateTime(fields.DateTime):
@@ -45,7 +55,7 @@ class UtcDateTime(fields.DateTime):
 
 class UserId(fields.String):
     def __init__(self, **kwargs):
-        super().__init__(validate=validate.Regexp(USER_ID_RE, error=USER_ID_ERROR), **kwargs)
+        super().__init__(validate=FullMatch(USER_ID_RE, error=USER_ID_ERROR), **kwargs)
 
 
 class StrictString(fields.String):
@@ -73,7 +83,7 @@ class AgentSchema(Schema):
     url = fields.Url(schemes={"http", "https"}, require_tld=False)
     secret = StrictString(validate=validate.Length(min=1, max=1000), allow_none=True,
                           load_only=True)
-    callable = StrictString(validate=validate.Regexp(
+    callable = StrictString(validate=FullMatch(
         CALLABLE_RE, error="Must be 'package.module:function'."))
 
     @validates("callable")
