@@ -12,6 +12,9 @@ from app.timefmt import iso_z
 
 USER_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
 USER_ID_ERROR = "Must be 1-128 characters of A-Z a-z 0-9 _ . @ : -"
+#: How routes document a ``<user_id>`` path parameter (they check it with require_valid_user_id).
+USER_ID_PATH_PARAMETER = {"in": "path", "name": "user_id",
+                          "schema": {"type": "string", "pattern": USER_ID_RE.pattern}}
 CALLABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 METADATA_MAX_BYTES = 16 * 1024
 MAX_ID = 2**63 - 1  # ids and offsets are 64-bit integers in the database
@@ -60,6 +63,11 @@ class UserId(fields.String):
 
 class StrictString(fields.String):
     """A string that refuses NUL characters, which PostgreSQL cannot store."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if not any(isinstance(v, validate.Regexp) for v in self.validators):
+            self.metadata = {"pattern": "^[^\\u0000]*$", **self.metadata}  # the document says so
 
     def _deserialize(self, value, attr, data, **kwargs):
         result = super()._deserialize(value, attr, data, **kwargs)
@@ -123,15 +131,26 @@ def public_agent(agent: dict | None) -> dict:
 
 # --- workspaces ---------------------------------------------------------------------------
 
+def _agent_kinds_document() -> dict:
+    """AgentSchema._fields_for_kind as the OpenAPI document states it: one variant per kind."""
+    return {"oneOf": [
+        {"type": "object",
+         "properties": {"kind": {"type": "string", "enum": [kind]},
+                        **{name: {} for name in sorted(allowed)}},
+         "required": ["kind", *sorted(required)],
+         "additionalProperties": False}
+        for kind, (allowed, required) in AGENT_FIELDS.items()]}
+
+
 class WorkspaceCreateSchema(Schema):
     owner_id = UserId(required=True)
     name = StrictString(required=True, validate=validate.Length(min=1, max=100))
-    agent = fields.Nested(AgentSchema)
+    agent = fields.Nested(AgentSchema, metadata=_agent_kinds_document())
 
 
 class WorkspaceUpdateSchema(Schema):
     name = StrictString(validate=validate.Length(min=1, max=100))
-    agent = fields.Nested(AgentSchema)
+    agent = fields.Nested(AgentSchema, metadata=_agent_kinds_document())
 
 
 class WorkspaceSchema(Schema):

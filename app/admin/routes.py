@@ -9,6 +9,8 @@ from app.schemas import ApiKeyCreatedSchema, TenantCreateSchema, TenantCreatedSc
 bp = Blueprint("admin", __name__, url_prefix="/admin",
                description="Operators: tenants and API keys (Authorization: Bearer ADMIN_TOKEN).")
 bp.before_request(require_admin)
+#: The document's default security is the tenant's X-API-Key; these operations take the token.
+admin_token = bp.doc(security=[{"AdminToken": []}])
 
 
 def _tenant(tenant_id: str) -> Tenant:
@@ -19,6 +21,7 @@ def _tenant(tenant_id: str) -> Tenant:
 
 
 @bp.route("/tenants", methods=["POST"])
+@admin_token
 @bp.arguments(TenantCreateSchema)
 @bp.response(201, TenantCreatedSchema)
 def create(body):
@@ -28,6 +31,7 @@ def create(body):
 
 
 @bp.route("/tenants/<tenant_id>/api-keys", methods=["POST"])
+@admin_token
 @bp.response(201, ApiKeyCreatedSchema)
 def add_key(tenant_id):
     """Issue another API key for a tenant; older keys keep working until revoked."""
@@ -37,6 +41,7 @@ def add_key(tenant_id):
 
 
 @bp.route("/tenants/<tenant_id>/api-keys/<key_id>", methods=["DELETE"])
+@admin_token
 @bp.response(204)
 def revoke_key(tenant_id, key_id):
     """Revoke one of a tenant's API keys."""

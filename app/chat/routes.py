@@ -6,7 +6,7 @@ from app.chat import service
 from app.pagination import PaginationArgs
 from app.schemas import (ChatCreateSchema, ChatPageSchema, ChatSchema,
                          ConnectionStringRequestSchema, ConnectionStringSchema,
-                         MessageListArgs, MessagePageSchema)
+                         MessageListArgs, MessagePageSchema, USER_ID_PATH_PARAMETER)
 from app.users import require_valid_user_id
 
 bp = tenant_blueprint("chats", __name__, "/api/v1/chats", "Chats and their message history.")
@@ -35,7 +35,7 @@ def create_chat_via_chat_blueprint(body):
     return _create(body)
 
 
-@bp.route("/user/<user_id>", methods=["GET"])
+@bp.route("/user/<user_id>", methods=["GET"], parameters=[USER_ID_PATH_PARAMETER])
 @bp.arguments(PaginationArgs, location="query")
 @bp.response(200, ChatPageSchema)
 def list_user_chats(args, user_id):

@@ -3,8 +3,8 @@ from flask import g
 
 from app.api import tenant_blueprint
 from app.pagination import PaginationArgs
-from app.schemas import (WorkspaceCreateSchema, WorkspacePageSchema, WorkspaceSchema,
-                         WorkspaceUpdateSchema)
+from app.schemas import (USER_ID_PATH_PARAMETER, WorkspaceCreateSchema, WorkspacePageSchema,
+                         WorkspaceSchema, WorkspaceUpdateSchema)
 from app.users import require_valid_user_id
 from app.workspaces import service
 
@@ -20,7 +20,7 @@ def create_workspace(body):
     return service.create_workspace(g.tenant, body["owner_id"], body["name"], body.get("agent"))
 
 
-@bp.route("/user/<user_id>", methods=["GET"])
+@bp.route("/user/<user_id>", methods=["GET"], parameters=[USER_ID_PATH_PARAMETER])
 @bp.arguments(PaginationArgs, location="query")
 @bp.response(200, WorkspacePageSchema)
 def list_user_workspaces(args, user_id):
@@ -52,7 +52,8 @@ def delete_workspace(workspace_id):
     service.delete_workspace(service.get_workspace(g.tenant, workspace_id))
 
 
-@bp.route("/<workspace_id>/members/<user_id>", methods=["PUT"])
+@bp.route("/<workspace_id>/members/<user_id>", methods=["PUT"],
+          parameters=[USER_ID_PATH_PARAMETER])
 @bp.response(204)
 def add_member(workspace_id, user_id):
     """Make a user a member of the workspace (idempotent)."""
@@ -61,7 +62,8 @@ def add_member(workspace_id, user_id):
     service.add_member(g.tenant, workspace, user_id)
 
 
-@bp.route("/<workspace_id>/members/<user_id>", methods=["DELETE"])
+@bp.route("/<workspace_id>/members/<user_id>", methods=["DELETE"],
+          parameters=[USER_ID_PATH_PARAMETER])
 @bp.response(204)
 def remove_member(workspace_id, user_id):
     """Remove a member from the workspace (idempotent)."""
