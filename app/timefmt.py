@@ -7,5 +7,5 @@ from datetime import datetime, timezone
 def iso_z(moment: datetime) -> str:
     """``moment`` (naive UTC, or aware) as ``2026-11-22T04:12:26.663Z``."""
     if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment.isoformat(timespec="milliseconds") + "Z"

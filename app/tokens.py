@@ -4,6 +4,7 @@ from __future__ import annotations
 import secrets
 import time
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any
 
 from flask import current_app
@@ -28,10 +29,16 @@ class TokenExpired(Exception):
 
 
 def _serializer(salt: str) -> URLSafeSerializer:
-    # itsdangerous signs with the last key and verifies with all, which is key rotation.
     config = current_app.config
-    keys = [*config.get("SECRET_KEY_FALLBACKS", []), config["SECRET_KEY"]]
-    return URLSafeSerializer(keys, salt=salt)
+    return _serializer_for(salt, tuple(config.get("SECRET_KEY_FALLBACKS", [])),
+                           config["SECRET_KEY"])
+
+
+@lru_cache(maxsize=32)
+def _serializer_for(salt: str, fallbacks: tuple[str, ...], key: str) -> URLSafeSerializer:
+    # itsdangerous signs with the last key and verifies with all, which is key rotation.
+    # Built once per key set: two strings are verified or signed for every message.
+    return URLSafeSerializer([*fallbacks, key], salt=salt)
 
 
 def to_iso(ts: float) -> str:

@@ -11,11 +11,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from collections import deque
+
 from flask import current_app
 from limits import parse as parse_limit
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.agents import agent_for
@@ -227,6 +227,7 @@ def _mark_first_connection(user: User) -> bool:
 def release_connection(connection: Connection) -> None:
     """Stop counting a connection that has ended."""
     _state().release_connection(connection.tenant_id, connection.sid)
+    _message_rate().forget(connection.sid)
 
 
 def missed_messages(connection: Connection) -> tuple[list[dict], bool]:
@@ -264,13 +265,47 @@ def connection_established(connection: Connection, message_string: dict[str, str
     return payload
 
 
-def _message_limiter() -> tuple[MovingWindowRateLimiter, Any]:
-    extension = current_app.extensions.get("chat_message_limiter")
-    if extension is None:
-        limiter = MovingWindowRateLimiter(MemoryStorage())
-        extension = current_app.extensions["chat_message_limiter"] = (
-            limiter, parse_limit(current_app.config["RATE_LIMIT_MESSAGES"]))
-    return extension
+class MessageRate:
+    """The per-connection message rate (RATE_LIMIT_MESSAGES, a moving window).
+
+    A connection lives in one process, so its window does too: a deque of the times of its
+    last messages. (limits' MemoryStorage, used here before, runs a timer thread every 10 ms
+    that walks every connection's window; under eventlet that was a green thread per tick
+    and a walk over 5,000 keys, measured in bench/RESULTS.md.)
+    """
+
+    def __init__(self, limit: str) -> None:
+        item = parse_limit(limit)
+        self.amount, self.seconds = item.amount, item.get_expiry()
+        self.windows: dict[str, deque] = {}
+
+    def hit(self, key: str) -> float | None:
+        """Count a message; None when allowed, else seconds until one more is."""
+        now = time.monotonic()
+        window = self.windows.get(key)
+        if window is None:
+            window = self.windows[key] = deque(maxlen=self.amount)
+        if len(window) == self.amount and now - window[0] < self.seconds:
+            return round(self.seconds - (now - window[0]), 3)
+        window.append(now)
+        return None
+
+    def undo(self, key: str) -> None:
+        """Take back the connection's last counted message (it was a retry)."""
+        window = self.windows.get(key)
+        if window:
+            window.pop()
+
+    def forget(self, key: str) -> None:
+        self.windows.pop(key, None)
+
+
+def _message_rate() -> MessageRate:
+    rate = current_app.extensions.get("chat_message_rate")
+    if rate is None:
+        rate = current_app.extensions["chat_message_rate"] = MessageRate(
+            current_app.config["RATE_LIMIT_MESSAGES"])
+    return rate
 
 
 def _validate_message(payload: Any) -> tuple[str, str | None]:
@@ -343,34 +378,43 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
     The checks, in the contract's order: payload shape and content, chat_id, the message
     string (genuine, unexpired, unused, this connection's), client_message_id idempotency,
     the per-connection rate, the chat's busy state.
+
+    A repeated client_message_id is rare, so it is not looked up before every message: the
+    unique constraint finds it when the message is stored, and a message refused for its
+    rate or a busy chat is looked up then. Either way the retry gets its original, uses no
+    rate, and stores nothing (one query per message instead of three; bench/RESULTS.md).
     """
     content, client_message_id = _validate_message(payload)
     if payload.get("chat_id") is not None and payload["chat_id"] != connection.chat_id:
         raise ApiError("chat_mismatch", "This connection is joined to another chat.",
                        {"chat_id": connection.chat_id})
     _spend_message_string(connection, payload.get("message_string"))
-    if client_message_id is not None:
-        original = _existing_message(connection.chat_id, client_message_id)
-        if original is not None:
-            return _ack(connection, original)
-    limiter, limit = _message_limiter()
-    if not limiter.hit(limit, connection.sid):
-        reset, _ = limiter.get_window_stats(limit, connection.sid)
-        retry_after = round(max(0.0, reset - time.time()), 3)
-        raise ApiError("rate_limited", "Too many messages; slow down.",
-                       {"retry_after": retry_after})
-    agent = _workspace_agent(connection.workspace_id)
-    reply_owner = _claim_chat(connection.chat_id, agent)
+    rate = _message_rate()
+    try:
+        retry_after = rate.hit(connection.sid)
+        if retry_after is not None:
+            raise ApiError("rate_limited", "Too many messages; slow down.",
+                           {"retry_after": retry_after})
+        agent = _workspace_agent(connection.workspace_id)
+        if client_message_id is not None and agent_for(agent) is not None:
+            # a retry must not hold the chat busy, not even for a moment
+            original = _existing_message(connection.chat_id, client_message_id)
+            if original is not None:
+                rate.undo(connection.sid)
+                return _ack(connection, original)
+        reply_owner = _claim_chat(connection.chat_id, agent)
+    except ApiError as error:
+        original = (_existing_message(connection.chat_id, client_message_id)
+                    if client_message_id is not None else None)
+        if original is None:
+            raise
+        if error.code != "rate_limited":
+            rate.undo(connection.sid)
+        return _ack(connection, original)
     try:
         with _state().chat_lock(connection.chat_id):
-            message = Message(chat_id=connection.chat_id, role="user",
-                              user_id=connection.user_pk, content=content,
-                              client_message_id=client_message_id)
-            db.session.add(message)
             try:
-                db.session.flush()  # the id and time, for the payload, without a reload
-                data = message_payload(message, connection.user_id)
-                db.session.commit()
+                data = _store_message(connection, content, client_message_id)
             except IntegrityError:
                 db.session.rollback()
                 original = (_existing_message(connection.chat_id, client_message_id)
@@ -378,6 +422,7 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
                 if original is None:
                     chat_gone = db.session.get(Chat, connection.chat_id) is None
                     raise ApiError("chat_not_found" if chat_gone else "internal_error") from None
+                rate.undo(connection.sid)
                 if reply_owner is not None:
                     _state().clear_busy(connection.chat_id, reply_owner)
                 return _ack(connection, original)
@@ -389,13 +434,38 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
         raise
     if reply_owner is not None:
         start_reply(ReplyJob(connection.tenant_id, connection.workspace_id, connection.chat_id,
-                             chat_room(connection.chat_id), message.id, reply_owner, agent))
-    return _ack(connection, message, data)
+                             chat_room(connection.chat_id), int(data["id"]), reply_owner,
+                             agent))
+    return _ack(connection, None, data)
+
+
+# Built once: on this path the ORM's unit of work and SQLAlchemy building a new statement's
+# cache key each time cost more than the queries themselves (bench/RESULTS.md).
+_INSERT_MESSAGE = insert(Message.__table__)
+_SELECT_AGENT = select(Workspace.__table__.c.agent).where(
+    Workspace.__table__.c.id == bindparam("workspace_id"))
+
+
+def _store_message(connection: Connection, content: str,
+                   client_message_id: str | None) -> dict[str, Any]:
+    """Insert and commit a user's message; returns it as the contract's message object."""
+    created_at = utcnow()
+    result = db.session.execute(_INSERT_MESSAGE, {
+        "chat_id": connection.chat_id, "role": "user", "user_id": connection.user_pk,
+        "content": content, "client_message_id": client_message_id, "reply_to": None,
+        "finish_reason": None, "created_at": created_at})
+    message_id = result.inserted_primary_key[0]
+    db.session.commit()
+    return {"id": str(message_id), "chat_id": connection.chat_id, "role": "user",
+            "user_id": connection.user_id, "content": content,
+            "client_message_id": client_message_id, "reply_to": None,
+            "created_at": iso_z(created_at)}
 
 
 def _workspace_agent(workspace_id: str) -> dict[str, Any]:
-    workspace = db.session.get(Workspace, workspace_id)
-    return dict(workspace.agent or {}) if workspace is not None else {"kind": "none"}
+    agent = db.session.execute(_SELECT_AGENT,
+                               {"workspace_id": workspace_id}).scalar_one_or_none()
+    return dict(agent or {"kind": "none"})
 
 
 def _claim_chat(chat_id: str, agent: dict[str, Any]) -> str | None:
@@ -423,7 +493,8 @@ def message_payload(message: Message, user_id: str | None) -> dict[str, Any]:
             "created_at": iso_z(message.created_at)}
 
 
-def _ack(connection: Connection, message: Message, data: dict | None = None) -> dict[str, Any]:
+def _ack(connection: Connection, message: Message | None,
+         data: dict | None = None) -> dict[str, Any]:
     string = new_message_string(connection)
     return {"ok": True, "message": data or _dump_message(message),
             "next_message_string": string["message_string"],
