@@ -53,6 +53,17 @@ from app import create_app  # noqa: E402
 
 app = create_app()
 
+if not _loaded_by_flask_cli:
+    # Replies a killed process left "streaming" are ended before anyone reconnects.
+    from app.agents.runner import end_interrupted_replies  # noqa: E402
+
+    with app.app_context():
+        try:
+            if ended := end_interrupted_replies():
+                app.logger.warning("ended %d replies interrupted by a previous process", ended)
+        except Exception:  # the database may be away at start-up: /readyz says so
+            app.logger.exception("could not end interrupted replies")
+
 # The demo tenant is made sure of when the server starts, not when the CLI loads this module
 # (`flask db upgrade` runs before the tables exist).
 if app.config["DEMO"] and not _loaded_by_flask_cli:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, current_app
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.agents import AgentContext, AgentError, agent_for
@@ -56,6 +56,30 @@ def active_replies() -> int:
     return len(_active)
 
 
+def end_interrupted_replies() -> int:
+    """End (``error``) the replies a dead process left "streaming"; returns how many.
+
+    A process killed mid-stream (SIGKILL, OOM, power loss) never stores its reply's end, and
+    a reply without ``finish_reason`` is treated as streaming for ever: never replayed to
+    reconnecting clients, never in an agent's history. Called when a server starts. A reply
+    in a chat that is busy may belong to another live process, so it is left alone; the
+    runner ends it when the chat's next reply begins (if among the messages it reads).
+    """
+    state = current_app.extensions["chat_state"]
+    stuck = db.session.execute(
+        select(Message.id, Message.chat_id)
+        .where(Message.role == "agent", Message.finish_reason.is_(None))).all()
+    ended = 0
+    for message_id, chat_id in stuck:
+        if state.busy_owner(chat_id) is None:
+            ended += db.session.execute(
+                update(Message).where(Message.id == message_id,
+                                      Message.finish_reason.is_(None))
+                .values(finish_reason="error")).rowcount
+    db.session.commit()
+    return ended
+
+
 def start_reply(job: ReplyJob) -> None:
     """Answer a user message in the background (the chat is already marked busy by ``owner``)."""
     app = current_app._get_current_object()
@@ -89,6 +113,7 @@ class Reply:
         self.state = app.extensions["chat_state"]
         self.timeout = float(app.config["AGENT_TIMEOUT"])
         self.tokens: list[str] = []
+        self.interrupted: list[int] = []  # replies before this one left unended by a crash
         self.shutting_down = False
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
@@ -101,6 +126,7 @@ class Reply:
             .order_by(Message.id.desc()).limit(HISTORY_LIMIT)).scalars().all()
         history = [_message_object(m) for m in reversed(rows)
                    if not (m.role == "agent" and m.finish_reason is None)]
+        self.interrupted = [m.id for m in rows if m.role == "agent" and m.finish_reason is None]
         return AgentContext(self.job.tenant_id, self.job.workspace_id, self.job.chat_id,
                             _message_object(user_message), history, self.job.config,
                             self.timeout)
@@ -120,6 +146,12 @@ class Reply:
             self.state.clear_busy(job.chat_id, job.owner)
             return
         context = self._context(user_message)
+        if self.interrupted:
+            # This task holds the chat's busy claim, so a reply before it that is still
+            # "streaming" belongs to a process that died (with Redis, another one): end it.
+            db.session.execute(update(Message).where(Message.id.in_(self.interrupted),
+                                                     Message.finish_reason.is_(None))
+                               .values(finish_reason="error"))
         reply = Message(chat_id=job.chat_id, role="agent", content="", reply_to=user_message.id)
         db.session.add(reply)
         try:
