@@ -654,6 +654,37 @@ def test_message_while_a_reply_streams_is_chat_busy_and_the_chat_is_free_when_it
         disconnect(ann, bob)
 
 
+def test_a_retried_message_gets_its_original_while_its_reply_streams_and_claims_nothing(
+        rt_server):
+    # The server finds a repeated client_message_id by the unique constraint or, when a
+    # message is refused as chat_busy, looks it up then: either way the retry succeeds.
+    tenant = new_tenant(rt_server.url)
+    ws = tenant.workspace("ann", members=("bob",), agent=SCRIPTED)
+    chat = tenant.chat("ann", ws)
+    ann = join(tenant, chat)
+    bob = join(tenant, chat, "bob")
+    try:
+        user = post(ann, "tokens 20 0.05", client_message_id="retry-me")
+        message_id = started_for(ann, user)["message_id"]
+        again = post(ann, "tokens 20 0.05", client_message_id="retry-me")
+        assert again == user
+        busy = say(bob, "me first", client_message_id="bobs")
+        assert busy["ok"] is False and busy["error"]["code"] == "chat_busy", busy
+        ended = ended_for(ann, message_id)
+        assert ended["finish_reason"] == "stop"
+        # After the reply: a retry starts no second reply and leaves the chat free.
+        assert post(ann, "tokens 20 0.05", client_message_id="retry-me") == user
+        after = post(bob, "my turn", client_message_id="bobs")
+        assert after["id"] != user["id"]
+        complete_stream(bob, chat, after)
+        started = [d["reply_to"] for e, d in ann.events if e == "message_stream_started"]
+        assert started == [user["id"], after["id"]]
+        contents = [m["content"] for m in tenant.history(chat) if m["role"] == "user"]
+        assert contents == ["tokens 20 0.05", "my turn"]
+    finally:
+        disconnect(ann, bob)
+
+
 def test_stop_generation_cancels_the_stream_and_stores_what_was_sent(rt_server):
     tenant = new_tenant(rt_server.url)
     ws = tenant.workspace("ann", members=("bob",), agent=SCRIPTED)

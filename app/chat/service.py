@@ -217,6 +217,8 @@ def authorize_connection(sid: str, auth: Any, query: Mapping[str, Any]) -> tuple
 
 def _mark_first_connection(user: User) -> bool:
     """Record the user's first socket connection; True only for that very first one."""
+    if user.first_connected_at is not None:  # no write (and no commit) on every connect
+        return False
     result = db.session.execute(
         update(User).where(User.id == user.id, User.first_connected_at.is_(None))
         .values(first_connected_at=utcnow()))
@@ -390,29 +392,23 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
                        {"chat_id": connection.chat_id})
     _spend_message_string(connection, payload.get("message_string"))
     rate = _message_rate()
+    reply_owner = None
     try:
         retry_after = rate.hit(connection.sid)
         if retry_after is not None:
             raise ApiError("rate_limited", "Too many messages; slow down.",
                            {"retry_after": retry_after})
-        agent = _workspace_agent(connection.workspace_id)
-        if client_message_id is not None and agent_for(agent) is not None:
-            # a retry must not hold the chat busy, not even for a moment
-            original = _existing_message(connection.chat_id, client_message_id)
-            if original is not None:
-                rate.undo(connection.sid)
-                return _ack(connection, original)
-        reply_owner = _claim_chat(connection.chat_id, agent)
-    except ApiError as error:
-        original = (_existing_message(connection.chat_id, client_message_id)
-                    if client_message_id is not None else None)
-        if original is None:
-            raise
-        if error.code != "rate_limited":
-            rate.undo(connection.sid)
-        return _ack(connection, original)
-    try:
+        # The chat's lock is taken before the first query, so no database connection is held
+        # while waiting for it (under load a pool of 15 connections ran dry that way).
         with _state().chat_lock(connection.chat_id):
+            agent = _workspace_agent(connection.workspace_id)
+            if client_message_id is not None and agent_for(agent) is not None:
+                # a retry must not hold the chat busy, not even for a moment
+                original = _existing_message(connection.chat_id, client_message_id)
+                if original is not None:
+                    rate.undo(connection.sid)
+                    return _ack(connection, original)
+            reply_owner = _claim_chat(connection.chat_id, agent)
             try:
                 data = _store_message(connection, content, client_message_id)
             except IntegrityError:
@@ -428,6 +424,17 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
                 return _ack(connection, original)
             socketio.emit("message_received", data, to=chat_room(connection.chat_id),
                           namespace=NAMESPACE)
+    except ApiError as error:
+        if reply_owner is not None:
+            _state().clear_busy(connection.chat_id, reply_owner)
+        original = (_existing_message(connection.chat_id, client_message_id)
+                    if client_message_id is not None
+                    and error.code in ("rate_limited", "chat_busy") else None)
+        if original is None:
+            raise
+        if error.code != "rate_limited":
+            rate.undo(connection.sid)
+        return _ack(connection, original)
     except BaseException:
         if reply_owner is not None:
             _state().clear_busy(connection.chat_id, reply_owner)
