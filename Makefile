@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 DEMO_JS := app/demo/node_modules/.package-lock.json
 
-.PHONY: install run test clean
+.PHONY: install run test bench clean
 
 install: $(VENV)/.installed $(DEMO_JS)
 
@@ -30,6 +30,12 @@ run: install
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Benchmarks (never part of `make test`): ours against a bare Flask-SocketIO server, see
+# bench/RESULTS.md. BENCH_ARGS passes options, e.g. BENCH_ARGS="--database postgresql".
+bench: install
+	npm ci --prefix bench --no-audit --no-fund --loglevel=error
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

@@ -2,6 +2,7 @@
 
     python bench/run.py [--scenario NAME ...] [--target NAME ...] [--database sqlite|postgresql]
                         [--async-mode eventlet|gevent] [--scale 0.5] [--profile]
+                        [--root CHECKOUT]
 
 Targets, each started fresh for each scenario on a free loopback port:
   ours          the Procfile's web: line (gunicorn, our gunicorn.conf.py) after its release: line,
@@ -22,6 +23,9 @@ p50/p90/p99/max from when a message was due, lost, duplicated) plus the server's
 (from /proc, utime+stime of every server process, over the sending phase only), CPU ms per
 1,000 deliveries, the load generator's own CPU, and server memory. Then a summary of ours as
 a ratio of each bare run. Figures are also written to bench/out/.
+
+--root runs "ours" from another checkout of this repository with this venv, for a before/after
+comparison in one go: ``git worktree add /tmp/before <commit>``, then ``--root /tmp/before``.
 """
 from __future__ import annotations
 
@@ -135,8 +139,8 @@ class Server:
                 self.process.wait()
 
 
-def procfile(kind: str) -> str:
-    for line in (ROOT / "Procfile").read_text().splitlines():
+def procfile(kind: str, root: Path) -> str:
+    for line in (root / "Procfile").read_text().splitlines():
         match = re.match(rf"^{kind}:\s*(.+)$", line)
         if match:
             return match.group(1)
@@ -157,16 +161,17 @@ def start(target: str, args, workdir: Path) -> Server:
             "MAX_CONNECTIONS_PER_TENANT": "20000", "RATE_LIMIT_REST": "100000/minute",
             "RATE_LIMIT_MESSAGES": "1000/second", "ACCESS_LOG": "0",
         })
-        subprocess.run(shlex.split(procfile("release")), cwd=ROOT, env=env, check=True,
-                       capture_output=True, timeout=120)
-        command = ["bash", "-c", "exec " + procfile("web")]
+        subprocess.run(shlex.split(procfile("release", args.root)), cwd=args.root, env=env,
+                       check=True, capture_output=True, timeout=120)
+        command = ["bash", "-c", "exec " + procfile("web", args.root)]
     else:
         command = [PYTHON, str(BENCH / "bare_server.py"), "--port", str(port),
                    "--async-mode", args.async_mode]
         if target == "bare-tuned":
             command.append("--tuned")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(log, "wb"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(command, cwd=args.root if target == "ours" else ROOT, env=env,
+                               stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
     server = Server(process, f"http://127.0.0.1:{port}", log)
     server.wait_ready()
     return server
@@ -274,6 +279,7 @@ def run_one(target: str, name: str, args, workdir: Path) -> dict:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=60)
         result.update({"target": target, "database": args.database if target == "ours" else None,
+                       "root": str(args.root) if target == "ours" else None,
                        "async_mode": args.async_mode,
                        "server_cpu_s": round(cpu, 3), "loadgen_cpu_s": round(gen_cpu, 3),
                        "server_rss_mb": round(rss_connected / 1024, 1)})
@@ -329,9 +335,12 @@ def main() -> None:
                         default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply chats, clients and messages (a quick run: 0.2)")
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="the checkout whose server is 'ours' (default: this one)")
     parser.add_argument("--profile", action="store_true",
                         help="record our server with py-spy into bench/out/profile-*.txt")
     args = parser.parse_args()
+    args.root = args.root.resolve()
     OUT.mkdir(exist_ok=True)
     if not (BENCH / "node_modules" / "socket.io-client").exists():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH,
@@ -340,7 +349,7 @@ def main() -> None:
                "node": subprocess.run(["node", "--version"], capture_output=True,
                                       text=True).stdout.strip(),
                "loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}
-    print(json.dumps({"machine": machine, "args": vars(args)}), flush=True)
+    print(json.dumps({"machine": machine, "args": vars(args)}, default=str), flush=True)
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="wc-bench-") as tmp:
@@ -357,7 +366,7 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (OUT / f"bench-{stamp}.json").write_text(json.dumps(
         {"machine": machine, "args": vars(args), "results": results, "summary": lines},
-        indent=2))
+        indent=2, default=str))
 
 
 def _cpu_model() -> str:
