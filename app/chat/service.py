@@ -15,6 +15,7 @@ from collections import deque
 
 from flask import current_app
 from limits import parse as parse_limit
+from sqlalchemy import Connection as SAConnection
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -400,8 +401,8 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
                            {"retry_after": retry_after})
         # The chat's lock is taken before the first query, so no database connection is held
         # while waiting for it (under load a pool of 15 connections ran dry that way).
-        with _state().chat_lock(connection.chat_id):
-            agent = _workspace_agent(connection.workspace_id)
+        with _state().chat_lock(connection.chat_id), db.engine.connect() as conn:
+            agent = _workspace_agent(conn, connection.workspace_id)
             if client_message_id is not None and agent_for(agent) is not None:
                 # a retry must not hold the chat busy, not even for a moment
                 original = _existing_message(connection.chat_id, client_message_id)
@@ -410,9 +411,9 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
                     return _ack(connection, original)
             reply_owner = _claim_chat(connection.chat_id, agent)
             try:
-                data = _store_message(connection, content, client_message_id)
+                data = _store_message(conn, connection, content, client_message_id)
             except IntegrityError:
-                db.session.rollback()
+                conn.rollback()
                 original = (_existing_message(connection.chat_id, client_message_id)
                             if client_message_id is not None else None)
                 if original is None:
@@ -446,32 +447,32 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
     return _ack(connection, None, data)
 
 
-# Built once: on this path the ORM's unit of work and SQLAlchemy building a new statement's
-# cache key each time cost more than the queries themselves (bench/RESULTS.md).
+# The message path uses a Core connection and statements built once: an ORM session per
+# message (made for each Socket.IO event), its unit of work and SQLAlchemy building a new
+# statement's cache key each time cost more than the queries themselves (bench/RESULTS.md).
 _INSERT_MESSAGE = insert(Message.__table__)
 _SELECT_AGENT = select(Workspace.__table__.c.agent).where(
     Workspace.__table__.c.id == bindparam("workspace_id"))
 
 
-def _store_message(connection: Connection, content: str,
+def _store_message(conn: SAConnection, connection: Connection, content: str,
                    client_message_id: str | None) -> dict[str, Any]:
     """Insert and commit a user's message; returns it as the contract's message object."""
     created_at = utcnow()
-    result = db.session.execute(_INSERT_MESSAGE, {
+    result = conn.execute(_INSERT_MESSAGE, {
         "chat_id": connection.chat_id, "role": "user", "user_id": connection.user_pk,
         "content": content, "client_message_id": client_message_id, "reply_to": None,
         "finish_reason": None, "created_at": created_at})
     message_id = result.inserted_primary_key[0]
-    db.session.commit()
+    conn.commit()
     return {"id": str(message_id), "chat_id": connection.chat_id, "role": "user",
             "user_id": connection.user_id, "content": content,
             "client_message_id": client_message_id, "reply_to": None,
             "created_at": iso_z(created_at)}
 
 
-def _workspace_agent(workspace_id: str) -> dict[str, Any]:
-    agent = db.session.execute(_SELECT_AGENT,
-                               {"workspace_id": workspace_id}).scalar_one_or_none()
+def _workspace_agent(conn: SAConnection, workspace_id: str) -> dict[str, Any]:
+    agent = conn.execute(_SELECT_AGENT, {"workspace_id": workspace_id}).scalar_one_or_none()
     return dict(agent or {"kind": "none"})
 
 
