@@ -47,6 +47,13 @@ class FullMatch(validate.Regexp):
         return value
 
 
+def always_present(schema: type[Schema]) -> type[Schema]:
+    """Class decorator for a response schema: the OpenAPI document lists every field required."""
+    for field in schema._declared_fields.values():
+        field.required = True
+    return schema
+
+
 class UtcDateTime(fields.DateTime):
     """ISO 8601 UTC with a trailing Z (times are stored as naive UTC)."""
 
@@ -153,15 +160,21 @@ class WorkspaceUpdateSchema(Schema):
     agent = fields.Nested(AgentSchema, metadata=_agent_kinds_document())
 
 
+@always_present
 class WorkspaceSchema(Schema):
     id = fields.String()
     name = fields.String()
-    owner_id = fields.Function(lambda w: w.owner.external_id)
-    members = fields.Function(lambda w: [m.user.external_id for m in w.members])
-    agent = fields.Function(lambda w: public_agent(w.agent))
+    owner_id = fields.Function(lambda w: w.owner.external_id, metadata={"type": "string"})
+    members = fields.Function(lambda w: [m.user.external_id for m in w.members],
+                              metadata={"type": "array", "items": {"type": "string"}})
+    agent = fields.Function(lambda w: public_agent(w.agent), metadata={
+        "type": "object", "required": ["kind"],
+        "properties": {"kind": {"type": "string", "enum": list(AGENT_KINDS)}},
+        "not": {"anyOf": [{"required": [name]} for name in AGENT_SECRETS]}})  # never returned
     created_at = UtcDateTime()
 
 
+@always_present
 class WorkspacePageSchema(Schema):
     workspaces = fields.List(fields.Nested(WorkspaceSchema))
     total = fields.Integer()
@@ -192,16 +205,18 @@ class ChatCreateSchema(Schema):
             raise ValidationError("Must not contain NUL characters.")
 
 
+@always_present
 class ChatSchema(Schema):
     id = fields.String()
     workspace_id = fields.String()
-    user_id = fields.Function(lambda c: c.user.external_id)
+    user_id = fields.Function(lambda c: c.user.external_id, metadata={"type": "string"})
     title = fields.String(allow_none=True)
     metadata = fields.Dict(attribute="meta")
     created_at = UtcDateTime()
     updated_at = UtcDateTime()
 
 
+@always_present
 class ChatPageSchema(Schema):
     chats = fields.List(fields.Nested(ChatSchema))
     total = fields.Integer()
@@ -214,6 +229,7 @@ class ConnectionStringRequestSchema(Schema):
     user_id = UserId(required=True)
 
 
+@always_present
 class ConnectionStringSchema(Schema):
     connection_string = fields.String()
     chat_id = fields.String()
@@ -222,14 +238,17 @@ class ConnectionStringSchema(Schema):
 
 # --- messages -----------------------------------------------------------------------------
 
+@always_present
 class MessageSchema(Schema):
     id = fields.String()
     chat_id = fields.String()
-    role = fields.String()
-    user_id = fields.Function(lambda m: m.user.external_id if m.user is not None else None)
+    role = fields.String(metadata={"enum": ["user", "agent", "system"]})
+    user_id = fields.Function(lambda m: m.user.external_id if m.user is not None else None,
+                              metadata={"type": "string", "nullable": True})
     content = fields.String()
     client_message_id = fields.String(allow_none=True)
-    reply_to = fields.Function(lambda m: str(m.reply_to) if m.reply_to is not None else None)
+    reply_to = fields.Function(lambda m: str(m.reply_to) if m.reply_to is not None else None,
+                               metadata={"type": "string", "nullable": True})
     created_at = UtcDateTime()
 
 
@@ -270,6 +289,7 @@ class MessageListArgs(PaginationArgs):
     before_id = MessageIdArg()
 
 
+@always_present
 class MessagePageSchema(Schema):
     messages = fields.List(fields.Nested(MessageSchema))
     total = fields.Integer()
@@ -280,12 +300,14 @@ class MessagePageSchema(Schema):
 
 # --- errors and admin ---------------------------------------------------------------------
 
+@always_present
 class ErrorBodySchema(Schema):
     code = fields.String()
     message = fields.String()
     details = fields.Dict()
 
 
+@always_present
 class ErrorSchema(Schema):
     error = fields.Nested(ErrorBodySchema)
 
@@ -294,12 +316,14 @@ class TenantCreateSchema(Schema):
     name = StrictString(required=True, validate=validate.Length(min=1, max=100))
 
 
+@always_present
 class TenantCreatedSchema(Schema):
     id = fields.String()
     name = fields.String()
     api_key = fields.String()
 
 
+@always_present
 class ApiKeyCreatedSchema(Schema):
     id = fields.String()
     api_key = fields.String()
