@@ -23,6 +23,15 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def may_be_id(value: str) -> bool:
+    """Whether a client's string can be looked up as an id at all (else it names nothing).
+
+    Ids are at most 64 characters, and PostgreSQL refuses a NUL in any string parameter: the
+    lookup itself would fail instead of finding nothing.
+    """
+    return len(value) <= 64 and "\x00" not in value
+
+
 class Tenant(db.Model):
     __tablename__ = "tenants"
 

@@ -3,7 +3,7 @@ from app.api import Blueprint
 from app.auth import create_api_key, create_tenant, require_admin, revoke_api_key
 from app.errors import ApiError
 from app.extensions import db
-from app.models import ApiKey, Tenant
+from app.models import ApiKey, Tenant, may_be_id
 from app.schemas import ApiKeyCreatedSchema, TenantCreateSchema, TenantCreatedSchema
 
 bp = Blueprint("admin", __name__, url_prefix="/admin",
@@ -14,7 +14,7 @@ admin_token = bp.doc(security=[{"AdminToken": []}])
 
 
 def _tenant(tenant_id: str) -> Tenant:
-    tenant = db.session.get(Tenant, tenant_id) if len(tenant_id) <= 64 else None
+    tenant = db.session.get(Tenant, tenant_id) if may_be_id(tenant_id) else None
     if tenant is None:
         raise ApiError("not_found", f"Tenant {tenant_id!r} was not found.")
     return tenant
@@ -46,7 +46,7 @@ def add_key(tenant_id):
 def revoke_key(tenant_id, key_id):
     """Revoke one of a tenant's API keys."""
     tenant = _tenant(tenant_id)
-    key = db.session.get(ApiKey, key_id) if len(key_id) <= 64 else None
+    key = db.session.get(ApiKey, key_id) if may_be_id(key_id) else None
     if key is None or key.tenant_id != tenant.id:
         raise ApiError("not_found", f"API key {key_id!r} was not found.")
     revoke_api_key(key)

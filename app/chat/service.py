@@ -24,7 +24,7 @@ from app.agents.runner import ReplyJob, start_reply
 from app.auth import tenant_for_api_key
 from app.errors import ApiError
 from app.extensions import db, socketio
-from app.models import Chat, Message, Tenant, User, Workspace, utcnow
+from app.models import Chat, Message, Tenant, User, Workspace, may_be_id, utcnow
 from app.pagination import paginate
 from app.schemas import USER_ID_ERROR, MessageSchema, is_valid_user_id
 from app.state import SharedState, StreamProgress
@@ -44,7 +44,7 @@ _dump_message = MessageSchema().dump
 
 def get_chat(tenant: Tenant, chat_id: str) -> Chat:
     """The tenant's chat, or ``chat_not_found``."""
-    chat = db.session.get(Chat, chat_id) if len(chat_id) <= 64 else None
+    chat = db.session.get(Chat, chat_id) if may_be_id(chat_id) else None
     if chat is None or chat.tenant_id != tenant.id:
         raise ApiError("chat_not_found", f"Chat {chat_id!r} was not found.")
     return chat

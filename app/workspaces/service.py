@@ -8,7 +8,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app.errors import ApiError
 from app.extensions import db
-from app.models import Tenant, User, Workspace, WorkspaceMember
+from app.models import Tenant, User, Workspace, WorkspaceMember, may_be_id
 from app.pagination import paginate
 from app.schemas import AGENT_SECRETS
 from app.users import find_user, get_or_create_user
@@ -18,7 +18,7 @@ DEFAULT_WORKSPACE_NAME = "Personal"
 
 def get_workspace(tenant: Tenant, workspace_id: str) -> Workspace:
     """The tenant's workspace, or ``workspace_not_found``."""
-    workspace = db.session.get(Workspace, workspace_id) if len(workspace_id) <= 64 else None
+    workspace = db.session.get(Workspace, workspace_id) if may_be_id(workspace_id) else None
     if workspace is None or workspace.tenant_id != tenant.id:
         raise ApiError("workspace_not_found", f"Workspace {workspace_id!r} was not found.")
     return workspace
