@@ -140,10 +140,10 @@ def handle_http_exception(exc: HTTPException):
 
 def handle_unexpected(exc: Exception):
     """Log an unexpected exception with its traceback; answer ``internal_error`` without it."""
-    current_app.logger.exception("unhandled error on %s %s", request.method, request.path)
     from app.extensions import db
 
     db.session.rollback()  # a failed statement must not poison the rest of the session
+    current_app.logger.exception("unhandled error on %s %s", request.method, request.path)
     return error_response(ApiError("internal_error"))
 
 

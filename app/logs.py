@@ -18,6 +18,15 @@ from app.jsonlog import JsonFormatter
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def _primary_key(row: object) -> object:
+    """A loaded row's id without touching the database: reading ``row.id`` after a failed
+    flush raises (PendingRollbackError), and a log line must never fail or query."""
+    from sqlalchemy import inspect
+
+    identity = inspect(row).identity
+    return identity[0] if identity else None
+
+
 class ContextFilter(logging.Filter):
     """Adds the request's or the Socket.IO connection's context to each record."""
 
@@ -28,7 +37,7 @@ class ContextFilter(logging.Filter):
             record.request_id = g.get("request_id")
         tenant = g.get("tenant")
         if tenant is not None and getattr(record, "tenant_id", None) is None:
-            record.tenant_id = tenant.id
+            record.tenant_id = _primary_key(tenant)
         sid = getattr(request, "sid", None)
         if sid is not None:
             record.sid = sid

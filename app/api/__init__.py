@@ -1,6 +1,7 @@
 """What every REST blueprint shares: the argument parser, authentication and the rate limit."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask_smorest import Blueprint as SmorestBlueprint
@@ -12,6 +13,28 @@ from app.errors import ApiError
 from app.extensions import limiter
 
 
+#: A \uD800-\uDFFF escape somewhere in a body: only then can a string hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _holds_lone_surrogate(node: Any) -> bool:
+    """Whether parsed JSON holds a string that is not text (a lone surrogate: no UTF-8 for it)."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class JsonBodyParser(FlaskParser):
     """Reads a JSON body whatever its Content-Type, and answers bad JSON with ``invalid_json``."""
 
@@ -21,7 +44,13 @@ class JsonBodyParser(FlaskParser):
         data = req.get_data(cache=True)
         if not data:
             return core.missing
-        return core.parse_json(data)
+        parsed = core.parse_json(data)
+        # JSON's grammar lets "\ud800" stand alone, but it is no character: no database can
+        # store it (I-JSON, RFC 7493, refuses it for that reason).
+        if _SURROGATE_ESCAPE.search(data) and _holds_lone_surrogate(parsed):
+            raise ApiError("invalid_json", "The request body is not valid JSON: a string holds "
+                           "a lone surrogate (\\ud800-\\udfff), which is not text.")
+        return parsed
 
     def _handle_invalid_json_error(self, error, req, *args, **kwargs):
         raise ApiError("invalid_json", "The request body is not valid JSON.")
