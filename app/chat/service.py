@@ -26,7 +26,7 @@ from app.errors import ApiError
 from app.extensions import db, socketio
 from app.models import Chat, Message, Tenant, User, Workspace, may_be_id, utcnow
 from app.pagination import paginate
-from app.schemas import USER_ID_ERROR, MessageSchema, is_valid_user_id
+from app.schemas import MAX_ID, USER_ID_ERROR, MessageSchema, is_valid_user_id
 from app.state import SharedState, StreamProgress
 from app.timefmt import iso_z
 from app.tokens import (TokenExpired, TokenInvalid, issue_connection_string,
@@ -140,14 +140,19 @@ def _text_param(params: Mapping[str, Any], name: str, max_length: int = 4096) ->
         return None
     if not isinstance(value, str) or len(value) > max_length:
         raise ApiError("validation_error", f"'{name}' must be a string.", {name: ["Not a string."]})
+    if "\x00" in value or not _encodable(value):  # no database can look such a value up
+        raise ApiError("validation_error", f"'{name}' must be valid text.",
+                       {name: ["Must be valid text (no NUL characters or lone surrogates)."]})
     return value
 
 
 def _message_id_param(value: Any) -> int | None:
     if value is None or value == "":
         return None
+    # ASCII digits only ("²".isdigit() is true, int("²") fails) and within a 64-bit id
     if isinstance(value, bool) or not isinstance(value, (str, int)) \
-            or not str(value).isdigit() or len(str(value)) > 19:
+            or not (str(value).isascii() and str(value).isdigit()) or len(str(value)) > 19 \
+            or int(value) > MAX_ID:
         raise ApiError("validation_error", "'last_message_id' must be a message id.",
                        {"last_message_id": ["Must be a message id."]})
     return int(value)
