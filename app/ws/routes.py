@@ -102,7 +102,7 @@ class PlainWebSocketClient:
     def handle(self, raw: Any) -> None:
         try:
             frame = json.loads(raw) if isinstance(raw, str) else None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply
             frame = None
         if not isinstance(frame, dict):
             self.send("error", ApiError("validation_error", "Frames must be JSON objects, "
