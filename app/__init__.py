@@ -28,6 +28,7 @@ def _init_realtime(app: "Flask") -> None:
     """Socket.IO with our client manager, the shared state and the /chat namespace."""
     from app.chat.delivery import ChatManager, ChatRedisManager, WithoutWebSocketCompression
     from app.chat.events import chat_namespace
+    from app.chat.packets import StrictPacket, refuse_malformed_input
     from app.extensions import socketio
     from app.state import create_state
 
@@ -46,7 +47,9 @@ def _init_realtime(app: "Flask") -> None:
         client_manager=manager,
         cors_allowed_origins=app.config["CORS_ORIGINS"] or None,
         http_compression=False,
+        serializer=StrictPacket,
     )
+    refuse_malformed_input(socketio.server, app.logger)
     socketio.on_namespace(chat_namespace)
     if not app.config["WS_COMPRESSION"]:
         app.wsgi_app = WithoutWebSocketCompression(app.wsgi_app)

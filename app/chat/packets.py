@@ -1,0 +1,143 @@
+"""Socket.IO input that is not a well-formed packet: refused with a warning, never a traceback.
+
+python-socketio and python-engineio raise from deep inside their receive loops on frames a
+client library never sends (invalid JSON, JSON nested too deeply, an event that is not a
+``[name, ...args]`` list, a binary frame without its header, a text frame that is not an
+Engine.IO packet). They log a traceback per frame, answer nothing, and for a bad Engine.IO
+frame end the request without closing the session, which then keeps counting against its
+tenant's connection limit until the ping timeout. Socket.IO's reference server closes a
+connection whose packet it cannot decode, and so do we, cleanly and with one warning line.
+A client may also not emit the reserved event names (``connect``, ``disconnect``, ...):
+python-socketio would dispatch them to the connect and disconnect handlers.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from engineio import packet as eio_packet
+from socketio import packet
+
+#: Event names a client may not emit (socket.io-parser refuses them too).
+RESERVED_EVENTS = frozenset({"connect", "connect_error", "disconnect", "disconnecting",
+                             "newListener", "removeListener"})
+_CLIENT_PACKET_TYPES = (packet.CONNECT, packet.DISCONNECT, packet.EVENT, packet.ACK,
+                        packet.BINARY_EVENT, packet.BINARY_ACK)
+
+
+class MalformedPacket(ValueError):
+    """A Socket.IO packet that cannot be decoded or has an invalid shape."""
+
+
+class StrictPacket(packet.Packet):
+    """python-socketio's packet, refusing malformed input with MalformedPacket."""
+
+    def decode(self, encoded_packet: Any) -> int:
+        if not isinstance(encoded_packet, str):
+            raise MalformedPacket("binary frame without a binary packet header")
+        try:
+            attachments = super().decode(encoded_packet)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise MalformedPacket(f"undecodable packet ({type(exc).__name__}: "
+                                  f"{str(exc)[:80]})") from None
+        if self.packet_type not in _CLIENT_PACKET_TYPES:
+            raise MalformedPacket(f"packet type {self.packet_type!r} is not sent by clients")
+        if self.packet_type in (packet.EVENT, packet.BINARY_EVENT):
+            if not isinstance(self.data, list) or not self.data \
+                    or not isinstance(self.data[0], str) or self.data[0] in RESERVED_EVENTS:
+                raise MalformedPacket("an event must be [name, ...args] with a non-reserved "
+                                      "name")
+        elif self.packet_type in (packet.ACK, packet.BINARY_ACK) \
+                and not isinstance(self.data, list):
+            raise MalformedPacket("an ack must be a list of arguments")
+        return attachments
+
+    def add_attachment(self, attachment: Any) -> bool:
+        try:
+            return super().add_attachment(attachment)
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            raise MalformedPacket(f"bad binary attachment ({type(exc).__name__})") from None
+
+
+def _is_engineio_packet(frame: Any) -> bool:
+    if not isinstance(frame, str):
+        return True  # a binary frame is a binary message
+    try:
+        eio_packet.Packet(encoded_packet=frame)
+    except Exception:
+        return False
+    return True
+
+
+class _FrameGuard:
+    """A server websocket whose ``wait`` ends the connection on a frame that is not an
+    Engine.IO packet (as if the client had closed it), instead of raising out of the
+    Engine.IO receive loop."""
+
+    def __init__(self, ws: Any, logger: logging.Logger):
+        self._ws = ws
+        self._logger = logger
+
+    def wait(self) -> Any:
+        frame = self._ws.wait()
+        if frame is not None and not _is_engineio_packet(frame):
+            self._logger.warning("closing a Socket.IO connection that sent a frame that is "
+                                 "not an Engine.IO packet")
+            return None
+        return frame
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ws, name)
+
+
+def _forget_session(server: Any, eio_sid: str) -> None:
+    """Drop what a packet handled after its session ended left behind (a CONNECT registers
+    the namespace session before it fails)."""
+    server._binary_packet.pop(eio_sid, None)
+    manager = server.manager
+    for namespace in list(manager.get_namespaces()):
+        sid = manager.sid_from_eio_sid(eio_sid, namespace)
+        if sid is not None:
+            manager.disconnect(sid, namespace, ignore_queue=True)
+
+
+def refuse_malformed_input(server: Any, logger: logging.Logger) -> None:
+    """Close, with one warning, connections that send malformed packets to ``server``
+    (a socketio.Server created with ``serializer=StrictPacket``)."""
+    eio = server.eio
+    handle_message = eio.handlers["message"]
+
+    def on_message(eio_sid: str, data: Any) -> None:
+        try:
+            if not isinstance(data, (str, bytes)) or (
+                    not data and eio_sid not in server._binary_packet):
+                # Engine.IO hands over "4", "4null", "4{...}" as '', None, a dict; an empty
+                # text or binary frame is not even decoded (python-socketio reads it as an
+                # event of None) unless it is an awaited (empty) binary attachment
+                raise MalformedPacket("not a Socket.IO packet")
+            handle_message(eio_sid, data)
+        except Exception as exc:
+            if eio_sid not in server.environ:
+                # the session ended while this packet waited for its turn (each packet is
+                # handled in its own task): python-socketio fails on the missing session
+                logger.info("dropped a packet of a Socket.IO session that has ended")
+                _forget_session(server, eio_sid)
+                return
+            if not isinstance(exc, ValueError):
+                raise
+            # MalformedPacket, or python-socketio's own refusals
+            logger.warning("closing a Socket.IO connection that sent a malformed packet: %s",
+                           exc)
+            server._binary_packet.pop(eio_sid, None)
+            eio.disconnect(eio_sid)
+
+    eio.on("message", on_message)
+
+    websocket_class = eio._async.get("websocket")
+    if websocket_class is not None:
+        class GuardedWebSocket(websocket_class):
+            def __init__(self, handler, *args, **kwargs):
+                super().__init__(lambda ws: handler(_FrameGuard(ws, logger)), *args, **kwargs)
+
+        # this server's own copy of the async driver's table: other servers are unaffected
+        eio._async = {**eio._async, "websocket": GuardedWebSocket}
