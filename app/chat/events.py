@@ -104,6 +104,23 @@ class ChatNamespace(Namespace):
 
     # -- events -----------------------------------------------------------------------------
 
+    #: What clients may emit; anything else is answered ``validation_error``.
+    CLIENT_EVENTS = ("message", "get_message_string", "stop_generation", "typing")
+
+    def trigger_event(self, event: str, *args: Any) -> Any:
+        # Flask-SocketIO acks an event it has no handler for with nothing at all; a client
+        # that asked for an ack gets a contract error instead, like on /ws/chat.
+        if event in self.CLIENT_EVENTS or event in ("connect", "disconnect"):
+            return super().trigger_event(event, *args)
+        return self.socketio._handle_event(self._unknown_event, event, self.namespace,
+                                           *args)
+
+    def _unknown_event(self, *args: Any) -> dict[str, Any]:
+        event = request.event["message"]
+        return self._fail(ApiError(
+            "validation_error", f"Unknown event {str(event)[:40]!r}.",
+            {"event": ["Must be message, typing, stop_generation or get_message_string."]}))
+
     def _connection(self) -> Connection:
         connection = self.connections.get(request.sid)
         if connection is None:
