@@ -53,8 +53,11 @@ def _init_realtime(app: "Flask") -> None:
     socketio.on_namespace(chat_namespace)
     if not app.config["WS_COMPRESSION"]:
         app.wsgi_app = WithoutWebSocketCompression(app.wsgi_app)
+    from app.lifecycle import OpenWebSockets
     from app.logs import ErrorsToLogging
 
+    open_websockets = OpenWebSockets(app.wsgi_app, app.config["ASYNC_MODE"])
+    app.wsgi_app = app.extensions["open_websockets"] = open_websockets
     app.wsgi_app = ErrorsToLogging(app.wsgi_app, app.logger)
 
 

@@ -8,14 +8,62 @@ reconnect elsewhere with ``last_message_id`` and miss nothing), then lets gunico
 """
 from __future__ import annotations
 
+import errno
 import signal
+import socket
 import time
 from typing import Any
+
+import greenlet
 
 from flask import Flask
 
 REPLY_DRAIN_SECONDS = 10.0
 ENDED_DELIVERY_SECONDS = 0.5
+#: After this long closing clients, the TCP connections of WebSocket requests still open are cut.
+CUT_SOCKETS_AFTER_SECONDS = 1.0
+
+
+class OpenWebSockets:
+    """WSGI middleware that remembers the WebSocket requests in progress, to end them at exit.
+
+    Under eventlet a WebSocket request can outlive its socket: when the socket is closed
+    while the request's reader waits on it (eventlet's websocket closes the bare socket), the
+    reader is never woken, and gunicorn waits for that request through its whole grace
+    period. Measured: after 20 clients disconnected at once, about half the shutdowns took
+    25 s instead of under 1 s. At shutdown, ``cut`` shuts the connections still open and
+    ends the requests whose socket is already gone.
+    """
+
+    def __init__(self, wsgi_app, async_mode: str):
+        self.wsgi_app = wsgi_app
+        self.async_mode = async_mode
+        self.requests: dict[Any, Any] = {}  # the request's greenlet -> its client socket
+
+    def __call__(self, environ, start_response):
+        sock = environ.get("gunicorn.socket")
+        if sock is None or environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+            return self.wsgi_app(environ, start_response)
+        current = greenlet.getcurrent()
+        self.requests[current] = sock
+        try:
+            return self.wsgi_app(environ, start_response)
+        finally:
+            self.requests.pop(current, None)
+
+    def cut(self) -> None:
+        """Shut the WebSocket connections still open; end the requests whose socket is gone."""
+        for request, sock in list(self.requests.items()):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # its reader wakes up to the end of the stream
+            except OSError:  # closed under a reader that will never wake up
+                self.requests.pop(request, None)
+                if self.async_mode == "eventlet" and not request.dead:
+                    from eventlet import kill
+
+                    # what the reader would have got from a reset connection; eventlet's
+                    # websocket ends the request quietly on it
+                    kill(request, ConnectionResetError(errno.ECONNRESET, "closed at shutdown"))
 
 
 def end_replies(app: Flask) -> bool:
@@ -49,6 +97,8 @@ def close_connections(app: Flask) -> None:
                         len(chat_namespace.connections))
     # gunicorn stops accepting about a second after it is told to: keep closing whatever
     # arrives until the process exits.
+    open_websockets = app.extensions.get("open_websockets")
+    cut_at = time.monotonic() + CUT_SOCKETS_AFTER_SECONDS
     while True:
         socketio.server.manager.close_all_listeners()  # /ws/chat clients
         for sid in list(chat_namespace.connections):
@@ -56,6 +106,11 @@ def close_connections(app: Flask) -> None:
                 socketio.server.disconnect(sid, namespace="/chat")
             except Exception:  # a client that is already gone
                 pass
+        # Engine.IO connections in no namespace (a client that left /chat, or never joined)
+        # would hold gunicorn's exit for the whole grace period.
+        socketio.server.eio.disconnect()
+        if open_websockets is not None and time.monotonic() >= cut_at:
+            open_websockets.cut()
         socketio.sleep(0.25)
 
 
