@@ -50,9 +50,7 @@ pytestmark = pytest.mark.e2e
 SECRET = "live-secret"  # conftest.server_env's SECRET_KEY
 # The rates and the per-tenant connection cap are not under test here; the attacks are many.
 SERVER_ENV = {"RATE_LIMIT_REST": "100000/minute", "RATE_LIMIT_MESSAGES": "1000/second",
-              "MAX_CONNECTIONS_PER_TENANT": "1000",
-              # bounds the stop: the eventlet worker sometimes waits out its whole grace period
-              "GRACEFUL_TIMEOUT": "5"}
+              "MAX_CONNECTIONS_PER_TENANT": "1000"}
 
 ATTACK = "ATTACK"  # in every text tenant A sends; tenant B's clients must never see it
 B_SECRET = "B-SECRET"  # in every text of tenant B's; tenant A must never see it

@@ -44,9 +44,6 @@ SERVER_ENV = {
     "RATE_LIMIT_MESSAGES": "100000/second",
     "RATE_LIMIT_REST": "100000/minute",
     "MAX_CONNECTIONS_PER_TENANT": "1000",
-    # The eventlet worker sometimes waits out the whole grace period on SIGTERM after many
-    # clients left at once; this module's teardowns need not wait 25 s for it.
-    "GRACEFUL_TIMEOUT": "3",
 }
 SCRIPTED_AGENT = {"kind": "python", "callable": "tests.agents:scripted"}
 WAIT = 20   # seconds: the bound of every wait for something that should come much sooner
