@@ -77,6 +77,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> "Flask":
         if "DATABASE_URL" in config:
             app.config["SQLALCHEMY_DATABASE_URI"] = database_url(config["DATABASE_URL"],
                                                                  app.instance_path)
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    if "SQLALCHEMY_ENGINE_OPTIONS" not in app.config and uri not in ("sqlite://", "sqlite:///:memory:"):
+        # Connections kept open: past pool_size SQLAlchemy opens a connection per checkout and
+        # closes it on return, and under eventlet many messages are in flight at once.
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
+            "pool_size": app.config["DATABASE_POOL_SIZE"],
+            "max_overflow": app.config["DATABASE_MAX_OVERFLOW"]}
     if app.config.get("REDIS_URL") and "RATELIMIT_STORAGE_URI" not in (config or {}):
         app.config["RATELIMIT_STORAGE_URI"] = app.config["REDIS_URL"]
     os.makedirs(app.instance_path, exist_ok=True)

@@ -50,6 +50,8 @@ def from_env(env: Mapping[str, str], instance_path: str) -> dict[str, Any]:
         "SECRET_KEY": secret_key,
         "SECRET_KEY_FALLBACKS": fallbacks,
         "SQLALCHEMY_DATABASE_URI": database_url(env.get("DATABASE_URL"), instance_path),
+        "DATABASE_POOL_SIZE": _int(env, "DATABASE_POOL_SIZE", 20),
+        "DATABASE_MAX_OVERFLOW": _int(env, "DATABASE_MAX_OVERFLOW", 0),
         "REDIS_URL": env.get("REDIS_URL") or None,
         "ADMIN_TOKEN": env.get("ADMIN_TOKEN") or None,
         "CONNECTION_STRING_TTL": _int(env, "CONNECTION_STRING_TTL", 300),

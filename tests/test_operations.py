@@ -345,3 +345,20 @@ def test_docs_serves_an_html_page_for_the_openapi_document(client):
     page = r.get_data(as_text=True)
     assert "<html" in page.lower()
     assert "openapi.json" in page
+
+
+def test_the_database_pool_keeps_its_connections_open_and_follows_the_configuration(
+        app, tmp_path):
+    # Past pool_size SQLAlchemy opens a connection for each checkout and closes it on return;
+    # under eventlet many messages are in flight at once (bench/RESULTS.md).
+    from app import create_app
+    from app.extensions import db
+    from tests.conftest import base_config
+
+    with app.app_context():
+        assert (db.engine.pool.size(), db.engine.pool._max_overflow) == (20, 0)
+    other = create_app(base_config("sqlite:///" + str(tmp_path / "pool.db"),
+                                   DATABASE_POOL_SIZE=7, DATABASE_MAX_OVERFLOW=3))
+    with other.app_context():
+        assert (db.engine.pool.size(), db.engine.pool._max_overflow) == (7, 3)
+        db.engine.dispose()
