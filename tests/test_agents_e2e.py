@@ -677,6 +677,7 @@ def test_a_retried_message_gets_its_original_while_its_reply_streams_and_claims_
         after = post(bob, "my turn", client_message_id="bobs")
         assert after["id"] != user["id"]
         complete_stream(bob, chat, after)
+        complete_stream(ann, chat, after)
         started = [d["reply_to"] for e, d in ann.events if e == "message_stream_started"]
         assert started == [user["id"], after["id"]]
         contents = [m["content"] for m in tenant.history(chat) if m["role"] == "user"]

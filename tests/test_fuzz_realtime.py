@@ -615,6 +615,55 @@ def test_a_second_connect_on_a_joined_namespace_leaves_the_first_one_working(wor
         s.close()
 
 
+# --- long-polling ---------------------------------------------------------------------------
+
+def polling_session(world: World) -> str:
+    """A Socket.IO session joined to the chat over long-polling; returns its POST/GET URL."""
+    base = world.url + "/socket.io/?EIO=4&transport=polling"
+    opened = requests.get(base, timeout=10)
+    assert opened.status_code == 200 and opened.text.startswith("0"), opened.text
+    url = base + "&sid=" + json.loads(opened.text[1:])["sid"]
+    auth = json.dumps({"chat_id": world.chat, "api_key": world.tenant.key, "user_id": "ann"})
+    assert requests.post(url, data=f"40{NAMESPACE},{auth}", timeout=10).text == "OK"
+    assert f"40{NAMESPACE}," in requests.get(url, timeout=10).text
+    return url
+
+
+polling_bodies = st.one_of(
+    st.binary(max_size=80),
+    st.lists(st.one_of(raw_frames.map(lambda unit: unit[0]).filter(
+        lambda f: isinstance(f, str)), st.text(any_chars, max_size=20)),
+        min_size=1, max_size=3).map(
+        lambda frames: "\x1e".join(frames).encode("utf-8", "surrogatepass")),
+)
+
+
+@settings(max_examples=40)
+@given(body=polling_bodies)
+# bodies python-engineio used to log with a traceback (and answer "ok"), and packets whose
+# refusal used to wait for a GET that never came, holding the POST (and the shutdown) open
+@example(body=b"x")
+@example(body=b"\xff\xfe")
+@example(body=b"2\x1ex")
+@example(body=b"4" + b"[" * 5000 + b"]" * 5000)
+@example(body=b"4")
+@example(body=b"b!!!!")
+@example(body=f"42{NAMESPACE},{{bad".encode())
+@example(body=b"2probe")  # packet types a client does not send: python-engineio would
+@example(body=b"6")       # disconnect the session and wait for a GET, holding the POST
+@example(body=b"7")
+def test_fuzzed_long_polling_bodies_are_answered_at_once_and_leave_no_session_behind(
+        world, body):
+    baseline = socket_connections(world)
+    url = polling_session(world)
+    wait_for_connections(world, baseline + 1)
+    answer = requests.post(url, data=body, timeout=10)  # a request left hanging fails here
+    assert answer.status_code in (200, 400), (answer.status_code, answer.text)
+    requests.post(url, data=b"1", timeout=10)  # the client closes (400 if already closed)
+    wait_for_connections(world, baseline)
+    assert_server_alive(world)
+
+
 # --- /ws/chat --------------------------------------------------------------------------------
 
 class Plain:

@@ -12,15 +12,21 @@ python-socketio would dispatch them to the connect and disconnect handlers.
 """
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any
+from urllib.parse import parse_qs
 
 from engineio import packet as eio_packet
+from engineio import payload as eio_payload
 from socketio import packet
 
 #: Event names a client may not emit (socket.io-parser refuses them too).
 RESERVED_EVENTS = frozenset({"connect", "connect_error", "disconnect", "disconnecting",
                              "newListener", "removeListener"})
+#: What python-engineio accepts from a client; any other type ends the session.
+_CLIENT_EIO_PACKET_TYPES = (eio_packet.CLOSE, eio_packet.PONG, eio_packet.MESSAGE,
+                            eio_packet.UPGRADE)
 _CLIENT_PACKET_TYPES = (packet.CONNECT, packet.DISCONNECT, packet.EVENT, packet.ACK,
                         packet.BINARY_EVENT, packet.BINARY_ACK)
 
@@ -101,6 +107,18 @@ def _forget_session(server: Any, eio_sid: str) -> None:
             manager.disconnect(sid, namespace, ignore_queue=True)
 
 
+def end_session(eio: Any, eio_sid: str) -> None:
+    """Close an Engine.IO session without waiting for its queue to drain.
+
+    ``eio.disconnect`` waits until the client has fetched the close packet; a long-polling
+    client that has no GET pending would keep the request that called it (its own POST)
+    open for ever, and with it the process's shutdown.
+    """
+    socket = eio.sockets.pop(eio_sid, None)
+    if socket is not None:
+        socket.close(wait=False, reason=eio.reason.SERVER_DISCONNECT)
+
+
 def refuse_malformed_input(server: Any, logger: logging.Logger) -> None:
     """Close, with one warning, connections that send malformed packets to ``server``
     (a socketio.Server created with ``serializer=StrictPacket``)."""
@@ -129,9 +147,42 @@ def refuse_malformed_input(server: Any, logger: logging.Logger) -> None:
             logger.warning("closing a Socket.IO connection that sent a malformed packet: %s",
                            exc)
             server._binary_packet.pop(eio_sid, None)
-            eio.disconnect(eio_sid)
+            end_session(eio, eio_sid)
 
     eio.on("message", on_message)
+
+    # A long-polling POST whose body is not an Engine.IO payload (invalid UTF-8, a packet
+    # that is not one, JSON nested too deeply) is logged by python-engineio with a traceback
+    # and answered "ok"; it is refused here, and its session closed, like a bad frame.
+    handle_request = eio.handle_request
+
+    def guarded_handle_request(environ: dict, start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD") == "POST":
+            sid = (parse_qs(environ.get("QUERY_STRING", "")).get("sid") or [None])[0]
+            if sid in eio.sockets:
+                try:
+                    length = int(environ.get("CONTENT_LENGTH") or 0)
+                except ValueError:
+                    length = -1
+                if 0 <= length <= eio.max_http_buffer_size:
+                    body = environ["wsgi.input"].read(length)
+                    environ["wsgi.input"] = io.BytesIO(body)
+                    try:
+                        decoded = eio_payload.Payload(encoded_payload=body.decode("utf-8"))
+                        if any(p.packet_type not in _CLIENT_EIO_PACKET_TYPES
+                               for p in decoded.packets):
+                            # python-engineio would disconnect the session and wait for a
+                            # GET to fetch the close packet, holding this POST open
+                            raise ValueError("not an Engine.IO packet a client sends")
+                    except (ValueError, TypeError, RecursionError) as exc:
+                        logger.warning("closing a Socket.IO connection that sent a malformed "
+                                       "long-polling payload (%s)", type(exc).__name__)
+                        end_session(eio, sid)
+                        start_response("400 BAD REQUEST", [("Content-Type", "text/plain")])
+                        return [b"Bad Request"]
+        return handle_request(environ, start_response)
+
+    eio.handle_request = guarded_handle_request
 
     websocket_class = eio._async.get("websocket")
     if websocket_class is not None:
