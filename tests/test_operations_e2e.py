@@ -362,14 +362,15 @@ def test_readyz_reports_the_postgresql_database_ok(tmp_path, pg_database_factory
 def test_sigterm_after_many_clients_left_at_once_exits_without_waiting_out_the_grace_period(
         tmp_path, async_mode):
     # Under eventlet a WebSocket request could outlive its socket (closed under its reader,
-    # which then never woke) and hold gunicorn's exit for the whole grace period: 25 s in
-    # about half such shutdowns. Clean exits here take about 1-2 s.
+    # which then never woke) and hold gunicorn's exit for the whole grace period (here 60 s)
+    # in about half such shutdowns. Clean exits take about 1-2 s: the bound is ten times that,
+    # a pathology check, not a timing.
     import os
     import signal
     import threading
 
     server = start_server(tmp_path, ASYNC_MODE=async_mode, MAX_CONNECTIONS_PER_TENANT="1000",
-                          GRACEFUL_TIMEOUT="25")
+                          GRACEFUL_TIMEOUT="60")
     try:
         tenant = new_tenant(server.url)
         chat = tenant.chat("ann")
@@ -385,9 +386,9 @@ def test_sigterm_after_many_clients_left_at_once_exits_without_waiting_out_the_g
                 thread.join()
         started = time.monotonic()
         os.killpg(server.process.pid, signal.SIGTERM)
-        server.process.wait(timeout=60)
+        server.process.wait(timeout=90)
         took = time.monotonic() - started
     finally:
         stop_server(server.process)
-    assert took < 10, f"exit took {took:.1f} s: a request outlived its socket\n{server.log()}"
+    assert took < 20, f"exit took {took:.1f} s: a request outlived its socket\n{server.log()}"
     assert "Traceback" not in server.log()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Mapping
 
 from collections import deque
@@ -470,10 +471,8 @@ def _store_message(conn: SAConnection, connection: Connection, content: str,
         "finish_reason": None, "created_at": created_at})
     message_id = result.inserted_primary_key[0]
     conn.commit()
-    return {"id": str(message_id), "chat_id": connection.chat_id, "role": "user",
-            "user_id": connection.user_id, "content": content,
-            "client_message_id": client_message_id, "reply_to": None,
-            "created_at": iso_z(created_at)}
+    return message_object(message_id, connection.chat_id, "user", connection.user_id, content,
+                          client_message_id, None, created_at)
 
 
 def _workspace_agent(conn: SAConnection, workspace_id: str) -> dict[str, Any]:
@@ -499,11 +498,18 @@ def _claim_chat(chat_id: str, agent: dict[str, Any]) -> str | None:
 
 def message_payload(message: Message, user_id: str | None) -> dict[str, Any]:
     """A stored message as the contract's message object (no lazy load needed)."""
-    return {"id": str(message.id), "chat_id": message.chat_id, "role": message.role,
-            "user_id": user_id, "content": message.content,
-            "client_message_id": message.client_message_id,
-            "reply_to": str(message.reply_to) if message.reply_to is not None else None,
-            "created_at": iso_z(message.created_at)}
+    return message_object(message.id, message.chat_id, message.role, user_id, message.content,
+                          message.client_message_id, message.reply_to, message.created_at)
+
+
+def message_object(message_id: int, chat_id: str, role: str, user_id: str | None,
+                   content: str, client_message_id: str | None, reply_to: int | None,
+                   created_at: datetime) -> dict[str, Any]:
+    """The contract's message object from a message's columns."""
+    return {"id": str(message_id), "chat_id": chat_id, "role": role, "user_id": user_id,
+            "content": content, "client_message_id": client_message_id,
+            "reply_to": str(reply_to) if reply_to is not None else None,
+            "created_at": iso_z(created_at)}
 
 
 def _ack(connection: Connection, message: Message | None,
