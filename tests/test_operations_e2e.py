@@ -359,18 +359,18 @@ def test_readyz_reports_the_postgresql_database_ok(tmp_path, pg_database_factory
 
 
 @pytest.mark.parametrize("async_mode", ["eventlet", "gevent"])
-def test_sigterm_after_many_clients_left_at_once_exits_without_waiting_out_the_grace_period(
+def test_sigterm_after_many_clients_left_at_once_lets_the_worker_exit_on_its_own(
         tmp_path, async_mode):
     # Under eventlet a WebSocket request could outlive its socket (closed under its reader,
-    # which then never woke) and hold gunicorn's exit for the whole grace period (here 60 s)
-    # in about half such shutdowns. Clean exits take about 1-2 s: the bound is ten times that,
-    # a pathology check, not a timing.
+    # which then never woke): gunicorn waited for it through the whole grace period and then
+    # killed the worker, in about half such shutdowns. A worker that exits on its own logs
+    # "Worker exiting"; one killed at the end of the grace period cannot.
     import os
     import signal
     import threading
 
     server = start_server(tmp_path, ASYNC_MODE=async_mode, MAX_CONNECTIONS_PER_TENANT="1000",
-                          GRACEFUL_TIMEOUT="60")
+                          GRACEFUL_TIMEOUT="25")
     try:
         tenant = new_tenant(server.url)
         chat = tenant.chat("ann")
@@ -384,11 +384,11 @@ def test_sigterm_after_many_clients_left_at_once_exits_without_waiting_out_the_g
                 thread.start()
             for thread in leaving:
                 thread.join()
-        started = time.monotonic()
         os.killpg(server.process.pid, signal.SIGTERM)
-        server.process.wait(timeout=90)
-        took = time.monotonic() - started
+        server.process.wait(timeout=60)
     finally:
         stop_server(server.process)
-    assert took < 20, f"exit took {took:.1f} s: a request outlived its socket\n{server.log()}"
-    assert "Traceback" not in server.log()
+    log = server.log()
+    assert "Worker exiting" in log and "SIGKILL" not in log, \
+        f"the worker was killed at the end of the grace period:\n{log}"
+    assert "Traceback" not in log
