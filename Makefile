@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
+# make run listens on this machine only; HOST=0.0.0.0 make run serves the network
+HOST   ?= 127.0.0.1
 DEMO_JS := app/demo/node_modules/.package-lock.json
 
 .PHONY: install run test bench clean
@@ -26,7 +28,7 @@ run: install
 	$(BIN)/flask --app wsgi db upgrade
 	$(BIN)/flask --app wsgi demo setup
 	@echo "Serving on http://localhost:$(PORT)  (Ctrl-C stops)"
-	PATH="$(CURDIR)/$(BIN):$$PATH" DEMO=1 PORT=$(PORT) $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
+	PATH="$(CURDIR)/$(BIN):$$PATH" DEMO=1 HOST=$(HOST) PORT=$(PORT) $(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -8,7 +8,10 @@ warnings.filterwarnings("ignore", message="\nEventlet is deprecated")
 
 _mode = os.environ.get("ASYNC_MODE", "eventlet").strip().lower()
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+# HOST: all addresses by default (a platform routes to the process); `make run` sets 127.0.0.1.
+_host = os.environ.get("HOST", "0.0.0.0").strip() or "0.0.0.0"
+bind = f"[{_host}]:{os.environ.get('PORT', '8000')}" if ":" in _host else \
+    f"{_host}:{os.environ.get('PORT', '8000')}"
 # Socket.IO keeps per-connection state in the process, so one worker per process: scale out
 # by running more processes behind a load balancer with REDIS_URL set (see the README).
 workers = 1

@@ -23,6 +23,26 @@ def _bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _size(env: Mapping[str, str], name: str, default: int) -> int:
+    """A size in bytes: ``1048576``, ``512KB``, ``1 MB`` (KB and MB are powers of 1024)."""
+    value = (env.get(name) or "").strip().upper().replace(" ", "")
+    if not value:
+        return default
+    factor = 1
+    for suffix, multiple in (("MB", 1024 * 1024), ("KB", 1024), ("B", 1)):
+        if value.endswith(suffix):
+            value, factor = value[: -len(suffix)], multiple
+            break
+    try:
+        return int(value) * factor
+    except ValueError as exc:
+        raise RuntimeError(f"{name} must be a size like 1048576 or 1MB, got {env[name]!r}") from exc
+
+
+def _list(env: Mapping[str, str], name: str) -> list[str]:
+    return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
+
+
 def database_url(value: str | None, instance_path: str) -> str:
     """The SQLAlchemy URL for DATABASE_URL; Heroku's ``postgres://`` becomes ``postgresql://``."""
     if not value:
@@ -40,8 +60,12 @@ def from_env(env: Mapping[str, str], instance_path: str) -> dict[str, Any]:
         if production:
             raise RuntimeError("SECRET_KEY must be set when APP_ENV=production")
         secret_key = secrets.token_urlsafe(32)
-    fallbacks = [k.strip() for k in env.get("SECRET_KEY_FALLBACKS", "").split(",") if k.strip()]
-    cors = [o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()]
+    fallbacks = _list(env, "SECRET_KEY_FALLBACKS")
+    cors = _list(env, "CORS_ORIGINS")
+    demo = _bool(env, "DEMO")
+    if demo and production:
+        raise RuntimeError("DEMO=1 is refused when APP_ENV=production: the demo page hands "
+                           "anyone who types a name a seat in the demo tenant. Unset DEMO.")
     async_mode = env.get("ASYNC_MODE", "eventlet").strip().lower()
     if async_mode not in ("eventlet", "gevent", "threading"):
         raise RuntimeError("ASYNC_MODE must be 'eventlet' or 'gevent'")
@@ -64,7 +88,13 @@ def from_env(env: Mapping[str, str], instance_path: str) -> dict[str, Any]:
         "CORS_ORIGINS": cors,
         "ASYNC_MODE": async_mode,
         "WS_COMPRESSION": _bool(env, "WS_COMPRESSION"),
-        "DEMO": _bool(env, "DEMO"),
+        "DEMO": demo,
+        "PYTHON_AGENTS": _list(env, "PYTHON_AGENTS"),
+        "AGENT_ALLOW_PRIVATE_NETWORKS": _bool(env, "AGENT_ALLOW_PRIVATE_NETWORKS"),
+        "CONNECT_TIMEOUT": _int(env, "CONNECT_TIMEOUT", 10),
+        "MAX_CLIENT_QUEUE": _size(env, "MAX_CLIENT_QUEUE", 1024 * 1024),
+        "RATE_LIMIT_AUTH_FAILURES": env.get("RATE_LIMIT_AUTH_FAILURES") or "20/minute",
+        "RATE_LIMIT_DEMO": env.get("RATE_LIMIT_DEMO") or "10/minute",
         "LOG_FORMAT": env.get("LOG_FORMAT", "text"),
         "LOG_LEVEL": env.get("LOG_LEVEL", "INFO").upper(),
     }

@@ -22,6 +22,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "rate_limited": 429,
     "internal_error": 500,
     "service_unavailable": 503,
+    "server_busy": 503,
     # Socket.IO and plain WebSocket codes (no HTTP status is ever sent for them).
     "invalid_connection_string": 401,
     "connection_string_expired": 401,
@@ -55,6 +56,7 @@ DEFAULT_MESSAGES: dict[str, str] = {
     "internal_error": "An internal error occurred.",
     "validation_error": "The request is not valid.",
     "invalid_json": "The request body is not valid JSON.",
+    "server_busy": "The server is busy; retry shortly.",
 }
 
 

@@ -271,7 +271,23 @@ def connection_established(connection: Connection, message_string: dict[str, str
                "server_time": to_iso(time.time())}
     if connection.last_message_id is not None:
         payload["history_truncated"] = history_truncated
+    if _state().is_spent(_slow_client_key(connection)):
+        payload["disconnect_reason"] = "slow_client"
     return payload
+
+
+#: How long a reconnecting client is told it was disconnected for not reading (seconds).
+SLOW_CLIENT_NOTICE = 120
+
+
+def _slow_client_key(connection: Connection) -> str:
+    return f"slow-client:{connection.tenant_id}:{connection.user_id}:{connection.chat_id}"
+
+
+def note_slow_client(connection: Connection) -> None:
+    """Remember that this user's connection to the chat was dropped for not reading, so that
+    the ``connection_established`` of their next connection says so."""
+    _state().spend(_slow_client_key(connection), SLOW_CLIENT_NOTICE)
 
 
 class MessageRate:
