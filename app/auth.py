@@ -42,24 +42,40 @@ def create_tenant(name: str) -> tuple[Tenant, str]:
     return tenant, key
 
 
-def tenant_for_api_key(key: str | None) -> Tenant | None:
-    """The tenant owning an unrevoked API key, or None."""
+def find_api_key(key: str | None) -> ApiKey | None:
+    """The unrevoked API key row for a plain key, or None."""
     if not key:
         return None
-    row = db.session.execute(
+    return db.session.execute(
         db.select(ApiKey).where(ApiKey.key_hash == hash_api_key(key),
                                 ApiKey.revoked_at.is_(None))
     ).scalar_one_or_none()
+
+
+def tenant_for_api_key(key: str | None) -> Tenant | None:
+    """The tenant owning an unrevoked API key, or None."""
+    row = find_api_key(key)
     return row.tenant if row is not None else None
 
 
-def _lookup_request_tenant() -> Tenant | None:
+def _lookup_request_key() -> ApiKey | None:
     # Looked up once per request, for the rate limiter and then the auth hook. Kept in the
     # request's environ, not in `g`: an app context (and so `g`) may outlive one request.
     environ = request.environ
-    if "workspace_chat.tenant" not in environ:
-        environ["workspace_chat.tenant"] = tenant_for_api_key(request.headers.get(API_KEY_HEADER))
-    return environ["workspace_chat.tenant"]
+    if "workspace_chat.api_key" not in environ:
+        environ["workspace_chat.api_key"] = find_api_key(request.headers.get(API_KEY_HEADER))
+    return environ["workspace_chat.api_key"]
+
+
+def _lookup_request_tenant() -> Tenant | None:
+    row = _lookup_request_key()
+    return row.tenant if row is not None else None
+
+
+def current_api_key_id() -> str | None:
+    """The id of the API key this request authenticated with (None without one)."""
+    row = _lookup_request_key() if request.headers.get(API_KEY_HEADER) else None
+    return row.id if row is not None else None
 
 
 def current_tenant() -> Tenant:
