@@ -23,7 +23,7 @@ AGENT_KINDS = ("none", "echo", "openai", "webhook", "python")
 #: Fields each agent kind accepts, and which of them are required.
 AGENT_FIELDS: dict[str, tuple[set[str], set[str]]] = {
     "none": (set(), set()),
-    "echo": (set(), set()),
+    "echo": ({"delay_ms"}, set()),
     "openai": ({"base_url", "model", "api_key", "system_prompt", "history"}, {"base_url", "model"}),
     "webhook": ({"url", "secret"}, {"url"}),
     "python": ({"callable"}, {"callable"}),
@@ -89,6 +89,7 @@ class AgentSchema(Schema):
     """A workspace's agent configuration; the fields allowed depend on ``kind``."""
 
     kind = fields.String(required=True, validate=validate.OneOf(AGENT_KINDS))
+    delay_ms = fields.Integer(strict=True, validate=validate.Range(min=0, max=1000))
     base_url = fields.Url(schemes={"http", "https"}, require_tld=False)
     model = StrictString(validate=validate.Length(min=1, max=200))
     api_key = StrictString(validate=validate.Length(min=1, max=1000), allow_none=True,

@@ -286,7 +286,7 @@ def test_fuzzed_messages_get_a_success_or_contract_error_ack_and_keep_the_connec
         if ack and isinstance(ack[0], dict) and ack[0].get("ok") is True:
             assert not extra_args and isinstance(payload, dict)
             assert set(ack[0]) == {"ok", "message", "next_message_string",
-                                   "next_message_string_expires_at"}, ack
+                                   "next_message_string_expires_at", "reply_expected"}, ack
             world.record_accepted(ack[0]["message"], payload.get("content"),
                                   payload.get("client_message_id"))
             assert not [e for e in events if e[0] == "error"], events

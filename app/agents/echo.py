@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Iterator
 
 from app.agents.base import AgentContext
@@ -9,4 +10,10 @@ from app.agents.base import AgentContext
 
 class EchoAgent:
     def stream(self, context: AgentContext) -> Iterator[str]:
-        yield from re.findall(r"\s*\S+", context.message["content"])
+        # delay_ms between words makes the stream visible to people (the demo uses 40);
+        # time.sleep yields to the event loop under eventlet and gevent (monkey-patched)
+        delay = int(context.config.get("delay_ms") or 0) / 1000
+        for index, word in enumerate(re.findall(r"\s*\S+", context.message["content"])):
+            if delay and index:
+                time.sleep(delay)
+            yield word

@@ -466,7 +466,7 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
         start_reply(ReplyJob(connection.tenant_id, connection.workspace_id, connection.chat_id,
                              chat_room(connection.chat_id), int(data["id"]), reply_owner,
                              agent))
-    return _ack(connection, None, data)
+    return _ack(connection, None, data, reply_expected=reply_owner is not None)
 
 
 # The message path uses a Core connection and statements built once: an ORM session per
@@ -528,12 +528,15 @@ def message_object(message_id: int, chat_id: str, role: str, user_id: str | None
             "created_at": iso_z(created_at)}
 
 
-def _ack(connection: Connection, message: Message | None,
-         data: dict | None = None) -> dict[str, Any]:
+def _ack(connection: Connection, message: Message | None, data: dict | None = None,
+         reply_expected: bool = False) -> dict[str, Any]:
+    """The successful ack; ``reply_expected`` when the agent's reply to it will stream (a
+    retry of a stored message answers false: its reply, if any, was started by the first)."""
     string = new_message_string(connection)
     return {"ok": True, "message": data or _dump_message(message),
             "next_message_string": string["message_string"],
-            "next_message_string_expires_at": string["expires_at"]}
+            "next_message_string_expires_at": string["expires_at"],
+            "reply_expected": reply_expected}
 
 
 def typing_payload(connection: Connection, payload: Any) -> dict[str, Any]:
