@@ -17,11 +17,13 @@ $(DEMO_JS): app/demo/package.json app/demo/package-lock.json
 	npm ci --prefix app/demo --no-audit --no-fund --loglevel=error
 	touch $@
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt setup.py setup.cfg
+$(VENV)/.installed: requirements.txt requirements-dev.txt setup.py setup.cfg clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
-	$(BIN)/pip install --quiet --no-deps -e .
+	# the server and the client package (clients/python: ChatClient, workspace-chat), both
+	# editable; setuptools' banner about editable installs is silenced
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --no-deps -e . -e ./clients/python
 	touch $@
 
 run: install

@@ -10,7 +10,7 @@ import requests
 import socketio
 from engineio.payload import Payload
 
-from app.client.client import OrderedSocketIOClient
+from workspace_chat_client.client import OrderedSocketIOClient
 
 # python-engineio's client drops a long-polling response holding more than 16 packets (a
 # replay or a fast stream does hold more), so clients over polling must raise the limit.

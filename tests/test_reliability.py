@@ -34,7 +34,7 @@ import pytest
 import sqlalchemy
 import websocket
 
-from app.client.client import OrderedSocketIOClient
+from workspace_chat_client.client import OrderedSocketIOClient
 from tests.conftest import LiveServer, start_server, stop_server
 from tests.realtime import NAMESPACE, Tenant, new_tenant
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.client import ChatClient
+from workspace_chat_client import ChatClient
 from tests.conftest import ROOT, procfile_command, start_server, stop_server
 from tests.realtime import Tenant, new_tenant
 

@@ -100,20 +100,22 @@ class ConnectionRefused(ChatError):
 
 
 class ReplyPendingError(ChatError):
-    """``send()`` while the agent is still answering (the previous message's reply has not
-    ended, or another reply is streaming in the chat): the server would answer
-    ``chat_busy``, so this carries that code."""
+    """``send()`` while the agent's reply to this client's last message is still awaited: the
+    client's own rule, with its own code ``reply_pending`` (the server's refusal, when another
+    client's message is being answered, stays ``chat_busy``)."""
 
     def __init__(self, message_id: Optional[str] = None):
-        super().__init__("chat_busy", "A reply is still streaming in this chat; wait for it "
-                         "(reply.wait() or client.wait_idle()) or stop it "
+        super().__init__("reply_pending", "The reply to your last message is still streaming; "
+                         "wait for it (reply.wait() or client.wait_idle()) or stop it "
                          "(client.stop_generation()) before sending.",
                          {"message_id": message_id} if message_id else {})
 
 
 class NotConnectedError(ChatClientError):
     """The client is not connected to a chat (``connect(chat_id)`` first), or lost its
-    connection and could not get it back in time."""
+    connection and could not get it back in time. Its ``code`` is ``not_connected``."""
+
+    code = "not_connected"
 
 
 class ConnectionFailed(ChatClientError):
@@ -1081,8 +1083,6 @@ class ChatClient:
                 if error.code in STRING_REFUSALS and not fresh_string_asked:
                     fresh_string_asked = True
                     continue  # the next round asks for a fresh string
-                if error.code == "chat_busy":
-                    raise ReplyPendingError(error.details.get("message_id"))
                 raise error
 
     def _fresh_string(self, conn: _Connection, deadline: float) -> str:
@@ -1097,7 +1097,12 @@ class ChatClient:
             conn.set_string(ack.get("next_message_string"),
                             ack.get("next_message_string_expires_at"))
             self._last_message_id = _max_id(self._last_message_id, message.get("id"))
-            sent = SentMessage(self, message, expects_reply=self._agent_kind not in (None, "none")
+            # The ack says whether a reply will stream (reply_expected); a server without the
+            # field is judged by the workspace's agent.
+            expected = ack.get("reply_expected")
+            if not isinstance(expected, bool):
+                expected = self._agent_kind not in (None, "none")
+            sent = SentMessage(self, message, expects_reply=expected
                                or self._stream_replying_to(str(message["id"])) is not None)
             self._last_sent = sent
             self._cond.notify_all()

@@ -17,7 +17,7 @@ import threading
 import uuid
 from typing import Any, Optional, TextIO
 
-from app.client.client import (
+from workspace_chat_client.client import (
     ChatClient,
     ChatClientError,
     ChatError,

@@ -1,6 +1,6 @@
 """The Python client of Workspace Chat (``ChatClient``) and its terminal client
-(``workspace-chat``, in ``app.client.terminal``). See docs/clients.md."""
-from app.client.client import (
+(``workspace-chat``, in ``workspace_chat_client.terminal``). See docs/clients.md."""
+from workspace_chat_client.client import (
     ChatClient,
     ChatClientError,
     ChatError,
