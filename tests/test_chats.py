@@ -395,3 +395,9 @@ def test_connection_string_for_a_deleted_chat_is_chat_not_found(tenant):
     assert tenant.api.delete(f"/api/v1/chats/{chat['id']}").status_code == 204
     assert_error(tenant.api.post(f"/api/v1/chats/{chat['id']}/connection-string",
                                  json={"user_id": "alice"}), 404, "chat_not_found")
+
+
+def test_creating_a_chat_without_the_trailing_slash_works_too(tenant):
+    r = tenant.api.post("/api/v1/chats", json={"user_id": "alice", "title": "No slash"})
+    assert r.status_code == 201, r.get_data(as_text=True)
+    assert r.get_json()["title"] == "No slash"

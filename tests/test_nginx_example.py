@@ -43,7 +43,8 @@ def behind_nginx(tmp_path_factory, pg_database_factory):
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     conf = conf.replace("server 127.0.0.1:8001;", f"server 127.0.0.1:{first.port};")
     conf = conf.replace("server 127.0.0.1:8002;", f"server 127.0.0.1:{second.port};")
-    conf = re.sub(r"listen 8000;", f"listen 127.0.0.1:{port};", conf)
+    assert "listen 127.0.0.1:8080;" in conf  # never every interface, never make run's 8000
+    conf = re.sub(r"listen 127\.0\.0\.1:8080;", f"listen 127.0.0.1:{port};", conf)
     (prefix / "nginx.conf").write_text(conf)
     proxy = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
                               "-g", "daemon off;"], stdout=subprocess.PIPE,

@@ -19,7 +19,9 @@ def _create(body):
                                body.get("title"), body.get("metadata"))
 
 
-@bp.route("/", methods=["POST"])
+# strict_slashes=False: POST /api/v1/chats (no slash) creates a chat too, instead of a 308
+# redirect with an HTML body that clients do not follow with the body.
+@bp.route("/", methods=["POST"], strict_slashes=False)
 @bp.arguments(ChatCreateSchema)
 @bp.response(201, ChatSchema)
 def create_chat(body):
