@@ -204,12 +204,23 @@ class TerminalChat:
         while True:
             kind, value = self.inbox.get()
             if kind == "eof":
+                if not _interactive(stdin):
+                    # piped input (`echo hello | workspace-chat ...`): the reply to the last
+                    # line is what the caller is waiting for, so it is shown before leaving
+                    self.client.wait_idle()
                 return EXIT_OK
             if kind == "closed":
                 return EXIT_ERROR
             text = value.rstrip("\r\n")
             if text.strip():
                 self.send(text)
+
+
+def _interactive(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
