@@ -36,6 +36,10 @@ class GateMixin:
         # {id: (deliver(event, data), close())}. They get the same events, gated the same way.
         self._listeners: dict[str, dict[str, tuple[Callable[[str, Any], None],
                                                    Callable[[], None]]]] = {}
+        # Every live connection of this process (Socket.IO sid or listener id) -> what
+        # revocation matches it by (tenant_id, api_key_id, workspace_id, user_pk), and its
+        # namespace; so that end_sessions can find the ones a revocation ends.
+        self._sessions: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def add_listener(self, room: str, listener_id: str, deliver: Callable[[str, Any], None],
                      close: Callable[[], None]) -> None:
@@ -79,8 +83,35 @@ class GateMixin:
                     Manager.emit(self, event, data, namespace, to=sid)
 
     def drop_gate(self, sid: str) -> None:
+        """Forget a connection that has ended: its gate, its filter and its session."""
         self._gates.pop(sid, None)
         self._filters.pop(sid, None)
+        self._sessions.pop(sid, None)
+
+    def track_session(self, sid: str, namespace: str, tags: dict[str, Any]) -> None:
+        """Remember a live connection of this process and what revocations match it by."""
+        self._sessions[sid] = (namespace, dict(tags))
+
+    def end_sessions(self, match: dict[str, Any], error: dict[str, Any]) -> None:
+        """Send ``error`` to every connection whose tags include ``match``, then disconnect it
+        (on every process when the manager has a message queue)."""
+        self._end_local_sessions(match, error)
+
+    def _end_local_sessions(self, match: dict[str, Any], error: dict[str, Any]) -> None:
+        for sid, (namespace, tags) in list(self._sessions.items()):
+            if any(tags.get(name) != value for name, value in match.items()):
+                continue
+            listener = next((entry for listeners in self._listeners.values()
+                             for listener_id, entry in listeners.items() if listener_id == sid),
+                            None)
+            if listener is not None:
+                deliver, close = listener
+                deliver("error", error)
+                close()
+            else:
+                Manager.emit(self, "error", error, namespace, to=sid)
+                self.server.disconnect(sid, namespace=namespace, ignore_queue=True)
+            self._sessions.pop(sid, None)
 
     def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None,
              **kwargs):
@@ -167,6 +198,21 @@ class ChatRedisManager(RedisManager, ChatManager):
                    "host_id": self.RELAY_HOST, "disconnect": True}
         if not self._relay(message):
             self._handle_close_room(message)
+
+    def end_sessions(self, match: dict[str, Any], error: dict[str, Any]) -> None:
+        """End the matching connections of every process (each process ends its own)."""
+        # Published as an "emit" (python-socketio's listener ignores methods it does not
+        # know), recognised by its "end_sessions" key in _handle_emit.
+        message = {"method": "emit", "end_sessions": True, "match": match, "error": error,
+                   "host_id": self.RELAY_HOST}
+        if not self._relay(message):
+            self._end_local_sessions(match, error)
+
+    def _handle_emit(self, message):
+        if message.get("end_sessions"):
+            self._end_local_sessions(message["match"], message["error"])
+            return
+        super()._handle_emit(message)
 
     def _relay(self, message: dict) -> bool:
         """Publish for every process; False when this process will not hear it back (Redis
