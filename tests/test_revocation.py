@@ -303,6 +303,48 @@ def test_deleting_a_workspace_ends_the_sessions_of_its_chats_with_chat_deleted(
     assert "chat_deleted" not in bystander.names()
 
 
+# --- the service, on SQLite and PostgreSQL (Flask's test client) ---------------------------
+
+def test_a_connection_string_names_the_key_that_issued_it(app, tenant):
+    from app.auth import find_api_key
+    from app.tokens import verify_connection_string
+
+    chat = tenant.chat("alice")
+    r = tenant.api.post(f"/api/v1/chats/{chat['id']}/connection-string",
+                        json={"user_id": "alice"})
+    assert r.status_code == 200, r.get_json()
+    claims = verify_connection_string(r.get_json()["connection_string"])
+    assert claims["k"] == find_api_key(tenant.key).id
+
+
+def test_a_connection_authorised_while_a_revocation_ends_sessions_is_refused(
+        app, tenant, monkeypatch):
+    """The race: the connection's checks read the database before the removal committed, and
+    the removal's end request ran before the connection was registered."""
+    from app.chat import revocation, service
+    from app.errors import ApiError
+    from app.users import find_user
+
+    workspace = tenant.workspace("alice")
+    assert tenant.api.put(f"/api/v1/workspaces/{workspace['id']}/members/bob").status_code == 204
+    chat = tenant.chat("alice", workspace_id=workspace["id"])
+    bob = find_user(tenant.id, "bob")
+    mark_first = service._mark_first_connection
+
+    def removed_meanwhile(user):
+        revocation.end_member_sessions(tenant.id, workspace["id"], bob.id)
+        return mark_first(user)
+
+    monkeypatch.setattr(service, "_mark_first_connection", removed_meanwhile)
+    auth = {"chat_id": chat["id"], "api_key": tenant.key}
+    with pytest.raises(ApiError) as refused:
+        service.authorize_connection("sid-bob", {**auth, "user_id": "bob"}, {})
+    assert refused.value.code == "forbidden"
+    # the owner, whom the removal does not cover, connects
+    connection, _ = service.authorize_connection("sid-alice", {**auth, "user_id": "alice"}, {})
+    service.release_connection(connection)
+
+
 # --- two processes (PostgreSQL and Redis) ------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,21 @@ Every broadcast, local or arriving from another process through Redis, passes th
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any, Callable
 from urllib.parse import urlparse
 
 from socketio import Manager, RedisManager
 
 Keep = Callable[[str, Any], bool]
+
+#: How long a process remembers the end requests it ran, for the connections that were being
+#: authorised when one arrived (see GateMixin.ended_since).
+RECENT_ENDS_SECONDS = 60
+
+
+def _matches(tags: dict[str, Any], match: dict[str, Any]) -> bool:
+    return all(tags.get(name) == value for name, value in match.items())
 
 
 class GateMixin:
@@ -40,6 +49,10 @@ class GateMixin:
         # revocation matches it by (tenant_id, api_key_id, workspace_id, user_pk), and its
         # namespace; so that end_sessions can find the ones a revocation ends.
         self._sessions: dict[str, tuple[str, dict[str, Any]]] = {}
+        # (when it arrived, match, error) of the end requests of the last RECENT_ENDS_SECONDS,
+        # and the Socket.IO sessions ended while still in their connect handler -> error.
+        self._recent_ends: deque[tuple[float, dict[str, Any], dict[str, Any]]] = deque()
+        self._ending: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def add_listener(self, room: str, listener_id: str, deliver: Callable[[str, Any], None],
                      close: Callable[[], None]) -> None:
@@ -87,6 +100,7 @@ class GateMixin:
         self._gates.pop(sid, None)
         self._filters.pop(sid, None)
         self._sessions.pop(sid, None)
+        self._ending.pop(sid, None)
 
     def track_session(self, sid: str, namespace: str, tags: dict[str, Any]) -> None:
         """Remember a live connection of this process and what revocations match it by."""
@@ -97,10 +111,28 @@ class GateMixin:
         (on every process when the manager has a message queue)."""
         self._end_local_sessions(match, error)
 
+    def ended_since(self, tags: dict[str, Any], since: float) -> dict[str, Any] | None:
+        """The error of an end request that this process ran after ``since`` (a
+        time.monotonic()) and that matches ``tags``; None if there was none.
+
+        A connection whose authorisation read the database before a revocation committed,
+        and which registers only after the revocation's end request ran, was missed by it:
+        its authorisation asks this last, and refuses it.
+        """
+        horizon = time.monotonic() - RECENT_ENDS_SECONDS
+        while self._recent_ends and self._recent_ends[0][0] < horizon:
+            self._recent_ends.popleft()
+        for received, match, error in self._recent_ends:
+            if received >= since and _matches(tags, match):
+                return error
+        return None
+
     def _end_local_sessions(self, match: dict[str, Any], error: dict[str, Any]) -> None:
+        self._recent_ends.append((time.monotonic(), match, error))
         for sid, (namespace, tags) in list(self._sessions.items()):
-            if any(tags.get(name) != value for name, value in match.items()):
+            if not _matches(tags, match):
                 continue
+            self._sessions.pop(sid, None)
             listener = next((entry for listeners in self._listeners.values()
                              for listener_id, entry in listeners.items() if listener_id == sid),
                             None)
@@ -108,10 +140,21 @@ class GateMixin:
                 deliver, close = listener
                 deliver("error", error)
                 close()
-            else:
-                Manager.emit(self, "error", error, namespace, to=sid)
-                self.server.disconnect(sid, namespace=namespace, ignore_queue=True)
-            self._sessions.pop(sid, None)
+            elif self.is_connected(sid, namespace):
+                self._end_session(sid, namespace, error)
+            else:  # still in its connect handler, which cannot be disconnected: see connect
+                self._ending[sid] = (namespace, error)
+
+    def _end_session(self, sid: str, namespace: str, error: dict[str, Any]) -> None:
+        Manager.emit(self, "error", error, namespace, to=sid)
+        self.server.disconnect(sid, namespace=namespace, ignore_queue=True)
+
+    def connect(self, sid, namespace):
+        result = super().connect(sid, namespace)
+        ending = self._ending.pop(sid, None)
+        if ending is not None:  # ended while it was connecting: end it now it is connected
+            self._end_session(sid, *ending)
+        return result
 
     def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None,
              **kwargs):

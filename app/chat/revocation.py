@@ -26,9 +26,22 @@ def track(connection: Connection) -> None:
     """Register a live connection of this process, so that a revocation can end it."""
     from app.chat.service import NAMESPACE
 
-    socketio.server.manager.track_session(connection.sid, NAMESPACE, {
-        "tenant_id": connection.tenant_id, "api_key_id": connection.api_key_id,
-        "workspace_id": connection.workspace_id, "user_pk": connection.user_pk})
+    socketio.server.manager.track_session(connection.sid, NAMESPACE, _tags(connection))
+
+
+def _tags(connection: Connection) -> dict[str, Any]:
+    """What an end request matches a connection by."""
+    return {"tenant_id": connection.tenant_id, "api_key_id": connection.api_key_id,
+            "workspace_id": connection.workspace_id, "user_pk": connection.user_pk}
+
+
+def ended_since(connection: Connection, since: float) -> ApiError | None:
+    """The refusal for a connection whose authorisation began at ``since`` (time.monotonic())
+    when a revocation that covers it has ended sessions since; None otherwise."""
+    if socketio.server is None:
+        return None
+    error = socketio.server.manager.ended_since(_tags(connection), since)
+    return ApiError(error["code"], error["message"], error["details"]) if error else None
 
 
 def end_sessions(tenant_id: str, code: str, message: str, *, api_key_id: str | None = None,

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from app.agents import agent_for
 from app.agents.runner import ReplyJob, start_reply
 from app.auth import current_api_key_id, find_api_key
+from app.chat import revocation
 from app.errors import ApiError
 from app.extensions import db, socketio
 from app.models import ApiKey, Chat, Message, Tenant, User, Workspace, may_be_id, utcnow
@@ -171,6 +172,7 @@ def authorize_connection(sid: str, auth: Any, query: Mapping[str, Any]) -> tuple
     Refusals: validation_error, invalid_connection_string, connection_string_expired,
     invalid_api_key, chat_not_found, forbidden, too_many_connections.
     """
+    started = time.monotonic()
     if auth is not None and not isinstance(auth, dict):
         raise ApiError("validation_error", "The auth payload must be an object.")
     params = {**{k: v for k, v in query.items()}, **(auth or {})}
@@ -224,13 +226,19 @@ def authorize_connection(sid: str, auth: Any, query: Mapping[str, Any]) -> tuple
     if not _state().acquire_connection(tenant.id, sid, limit):
         raise ApiError("too_many_connections",
                        f"This tenant already has {limit} connections open.")
+    connection = Connection(sid, tenant.id, user.id, user.external_id, chat.id,
+                            chat.workspace_id, last_message_id, api_key_id)
     try:
         first = _mark_first_connection(user)
+        # A revocation that committed after the checks above read the database, and ended
+        # sessions before this one is registered (the adapter does that next, without
+        # yielding), would miss it: refuse it as that revocation would have.
+        revoked = revocation.ended_since(connection, started)
+        if revoked is not None:
+            raise revoked
     except Exception:
         _state().release_connection(tenant.id, sid)
         raise
-    connection = Connection(sid, tenant.id, user.id, user.external_id, chat.id,
-                            chat.workspace_id, last_message_id, api_key_id)
     return connection, first
 
 
