@@ -119,15 +119,19 @@ class GateMixin:
         and which registers only after the revocation's end request ran, was missed by it:
         its authorisation asks this last, and refuses it.
         """
-        horizon = time.monotonic() - RECENT_ENDS_SECONDS
-        while self._recent_ends and self._recent_ends[0][0] < horizon:
-            self._recent_ends.popleft()
+        self._forget_old_ends()
         for received, match, error in self._recent_ends:
             if received >= since and _matches(tags, match):
                 return error
         return None
 
+    def _forget_old_ends(self) -> None:
+        horizon = time.monotonic() - RECENT_ENDS_SECONDS
+        while self._recent_ends and self._recent_ends[0][0] < horizon:
+            self._recent_ends.popleft()
+
     def _end_local_sessions(self, match: dict[str, Any], error: dict[str, Any]) -> None:
+        self._forget_old_ends()
         self._recent_ends.append((time.monotonic(), match, error))
         for sid, (namespace, tags) in list(self._sessions.items()):
             if not _matches(tags, match):

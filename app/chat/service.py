@@ -110,6 +110,8 @@ def connection_string_for(tenant: Tenant, chat: Chat, user_id: str) -> dict[str,
                        "chat's workspace.", {"user_id": user_id})
     # Bound to the request's API key (the demo issues without one): revoking it voids it.
     api_key_id = current_api_key_id() if has_request_context() else None
+    if api_key_id is not None and db.session.get(ApiKey, api_key_id).tenant_id != tenant.id:
+        api_key_id = None  # a stray header on a request that is not the tenant's (the demo)
     token, expires = issue_connection_string(tenant.id, user_id, chat.id, api_key_id)
     return {"connection_string": token, "chat_id": chat.id, "expires_at": to_iso(expires)}
 
