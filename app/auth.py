@@ -120,7 +120,11 @@ def require_admin() -> None:
 
 
 def revoke_api_key(key: ApiKey) -> None:
-    """Revoke a key; it stops working at once."""
+    """Revoke a key; it stops working at once, and so do the connections it opened (and
+    the connection strings it issued), in every process."""
+    from app.chat.revocation import end_key_sessions  # the chat layer imports this module
+
     if key.revoked_at is None:
         key.revoked_at = utcnow()
     db.session.commit()
+    end_key_sessions(key.tenant_id, key.id)

@@ -66,16 +66,26 @@ def _verify(salt: str, token: Any) -> dict[str, Any]:
     return payload
 
 
-def issue_connection_string(tenant_id: str, user_id: str, chat_id: str) -> tuple[str, float]:
-    """A connection string for one user to join one chat; returns it and its expiry time."""
+def issue_connection_string(tenant_id: str, user_id: str, chat_id: str,
+                            api_key_id: str | None = None) -> tuple[str, float]:
+    """A connection string for one user to join one chat; returns it and its expiry time.
+
+    ``api_key_id`` (claim ``k``) binds it to the API key that asked for it: when that key is
+    revoked, the string stops working.
+    """
     ttl = current_app.config["CONNECTION_STRING_TTL"]
-    return _issue(CONNECTION_SALT, {"t": tenant_id, "u": user_id, "c": chat_id}, ttl)
+    payload = {"t": tenant_id, "u": user_id, "c": chat_id}
+    if api_key_id is not None:
+        payload["k"] = api_key_id
+    return _issue(CONNECTION_SALT, payload, ttl)
 
 
 def verify_connection_string(token: Any) -> dict[str, Any]:
-    """The payload ``{t, u, c, exp}`` of a genuine, unexpired connection string."""
+    """The payload ``{t, u, c, k?, exp}`` of a genuine, unexpired connection string."""
     payload = _verify(CONNECTION_SALT, token)
     if not all(isinstance(payload.get(k), str) for k in ("t", "u", "c")):
+        raise TokenInvalid()
+    if "k" in payload and not isinstance(payload["k"], str):
         raise TokenInvalid()
     return payload
 

@@ -12,12 +12,21 @@ Every broadcast, local or arriving from another process through Redis, passes th
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any, Callable
 from urllib.parse import urlparse
 
 from socketio import Manager, RedisManager
 
 Keep = Callable[[str, Any], bool]
+
+#: How long a process remembers the end requests it ran, for the connections that were being
+#: authorised when one arrived (see GateMixin.ended_since).
+RECENT_ENDS_SECONDS = 60
+
+
+def _matches(tags: dict[str, Any], match: dict[str, Any]) -> bool:
+    return all(tags.get(name) == value for name, value in match.items())
 
 
 class GateMixin:
@@ -36,6 +45,14 @@ class GateMixin:
         # {id: (deliver(event, data), close())}. They get the same events, gated the same way.
         self._listeners: dict[str, dict[str, tuple[Callable[[str, Any], None],
                                                    Callable[[], None]]]] = {}
+        # Every live connection of this process (Socket.IO sid or listener id) -> what
+        # revocation matches it by (tenant_id, api_key_id, workspace_id, user_pk), and its
+        # namespace; so that end_sessions can find the ones a revocation ends.
+        self._sessions: dict[str, tuple[str, dict[str, Any]]] = {}
+        # (when it arrived, match, error) of the end requests of the last RECENT_ENDS_SECONDS,
+        # and the Socket.IO sessions ended while still in their connect handler -> error.
+        self._recent_ends: deque[tuple[float, dict[str, Any], dict[str, Any]]] = deque()
+        self._ending: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def add_listener(self, room: str, listener_id: str, deliver: Callable[[str, Any], None],
                      close: Callable[[], None]) -> None:
@@ -79,8 +96,69 @@ class GateMixin:
                     Manager.emit(self, event, data, namespace, to=sid)
 
     def drop_gate(self, sid: str) -> None:
+        """Forget a connection that has ended: its gate, its filter and its session."""
         self._gates.pop(sid, None)
         self._filters.pop(sid, None)
+        self._sessions.pop(sid, None)
+        self._ending.pop(sid, None)
+
+    def track_session(self, sid: str, namespace: str, tags: dict[str, Any]) -> None:
+        """Remember a live connection of this process and what revocations match it by."""
+        self._sessions[sid] = (namespace, dict(tags))
+
+    def end_sessions(self, match: dict[str, Any], error: dict[str, Any]) -> None:
+        """Send ``error`` to every connection whose tags include ``match``, then disconnect it
+        (on every process when the manager has a message queue)."""
+        self._end_local_sessions(match, error)
+
+    def ended_since(self, tags: dict[str, Any], since: float) -> dict[str, Any] | None:
+        """The error of an end request that this process ran after ``since`` (a
+        time.monotonic()) and that matches ``tags``; None if there was none.
+
+        A connection whose authorisation read the database before a revocation committed,
+        and which registers only after the revocation's end request ran, was missed by it:
+        its authorisation asks this last, and refuses it.
+        """
+        self._forget_old_ends()
+        for received, match, error in self._recent_ends:
+            if received >= since and _matches(tags, match):
+                return error
+        return None
+
+    def _forget_old_ends(self) -> None:
+        horizon = time.monotonic() - RECENT_ENDS_SECONDS
+        while self._recent_ends and self._recent_ends[0][0] < horizon:
+            self._recent_ends.popleft()
+
+    def _end_local_sessions(self, match: dict[str, Any], error: dict[str, Any]) -> None:
+        self._forget_old_ends()
+        self._recent_ends.append((time.monotonic(), match, error))
+        for sid, (namespace, tags) in list(self._sessions.items()):
+            if not _matches(tags, match):
+                continue
+            self._sessions.pop(sid, None)
+            listener = next((entry for listeners in self._listeners.values()
+                             for listener_id, entry in listeners.items() if listener_id == sid),
+                            None)
+            if listener is not None:
+                deliver, close = listener
+                deliver("error", error)
+                close()
+            elif self.is_connected(sid, namespace):
+                self._end_session(sid, namespace, error)
+            else:  # still in its connect handler, which cannot be disconnected: see connect
+                self._ending[sid] = (namespace, error)
+
+    def _end_session(self, sid: str, namespace: str, error: dict[str, Any]) -> None:
+        Manager.emit(self, "error", error, namespace, to=sid)
+        self.server.disconnect(sid, namespace=namespace, ignore_queue=True)
+
+    def connect(self, sid, namespace):
+        result = super().connect(sid, namespace)
+        ending = self._ending.pop(sid, None)
+        if ending is not None:  # ended while it was connecting: end it now it is connected
+            self._end_session(sid, *ending)
+        return result
 
     def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None,
              **kwargs):
@@ -167,6 +245,21 @@ class ChatRedisManager(RedisManager, ChatManager):
                    "host_id": self.RELAY_HOST, "disconnect": True}
         if not self._relay(message):
             self._handle_close_room(message)
+
+    def end_sessions(self, match: dict[str, Any], error: dict[str, Any]) -> None:
+        """End the matching connections of every process (each process ends its own)."""
+        # Published as an "emit" (python-socketio's listener ignores methods it does not
+        # know), recognised by its "end_sessions" key in _handle_emit.
+        message = {"method": "emit", "end_sessions": True, "match": match, "error": error,
+                   "host_id": self.RELAY_HOST}
+        if not self._relay(message):
+            self._end_local_sessions(match, error)
+
+    def _handle_emit(self, message):
+        if message.get("end_sessions"):
+            self._end_local_sessions(message["match"], message["error"])
+            return
+        super()._handle_emit(message)
 
     def _relay(self, message: dict) -> bool:
         """Publish for every process; False when this process will not hear it back (Redis

@@ -6,7 +6,7 @@ from typing import Any
 from flask import current_app, request
 from flask_socketio import ConnectionRefusedError, Namespace, emit, join_room
 
-from app.chat import service
+from app.chat import revocation, service
 from app.chat.service import NAMESPACE, Connection
 from app.errors import ApiError
 
@@ -64,6 +64,7 @@ class ChatNamespace(Namespace):
         manager = self.socketio.server.manager
         self.connections[sid] = connection
         manager.gate(sid)
+        revocation.track(connection)
         join_room(service.chat_room(connection.chat_id))
         events, keep = service.catch_up(connection, first)
         for event, data in events:

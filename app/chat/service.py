@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from collections import deque
 
-from flask import current_app
+from flask import current_app, has_request_context
 from limits import parse as parse_limit
 from sqlalchemy import Connection as SAConnection
 from sqlalchemy import bindparam, insert, select, update
@@ -22,10 +22,11 @@ from sqlalchemy.exc import IntegrityError
 
 from app.agents import agent_for
 from app.agents.runner import ReplyJob, start_reply
-from app.auth import tenant_for_api_key
+from app.auth import current_api_key_id, find_api_key
+from app.chat import revocation
 from app.errors import ApiError
 from app.extensions import db, socketio
-from app.models import Chat, Message, Tenant, User, Workspace, may_be_id, utcnow
+from app.models import ApiKey, Chat, Message, Tenant, User, Workspace, may_be_id, utcnow
 from app.pagination import paginate
 from app.schemas import MAX_ID, USER_ID_ERROR, MessageSchema, is_valid_user_id
 from app.state import SharedState, StreamProgress
@@ -107,7 +108,11 @@ def connection_string_for(tenant: Tenant, chat: Chat, user_id: str) -> dict[str,
     if user is None or not can_access(chat.workspace, user):
         raise ApiError("forbidden", "This user is neither the owner nor a member of the "
                        "chat's workspace.", {"user_id": user_id})
-    token, expires = issue_connection_string(tenant.id, user_id, chat.id)
+    # Bound to the request's API key (the demo issues without one): revoking it voids it.
+    api_key_id = current_api_key_id() if has_request_context() else None
+    if api_key_id is not None and db.session.get(ApiKey, api_key_id).tenant_id != tenant.id:
+        api_key_id = None  # a stray header on a request that is not the tenant's (the demo)
+    token, expires = issue_connection_string(tenant.id, user_id, chat.id, api_key_id)
     return {"connection_string": token, "chat_id": chat.id, "expires_at": to_iso(expires)}
 
 
@@ -129,6 +134,9 @@ class Connection:
     chat_id: str
     workspace_id: str
     last_message_id: int | None = None
+    #: The API key it authenticated with, or that issued its connection string (revoking
+    #: that key ends the connection); None for a string issued without a key (the demo).
+    api_key_id: str | None = None
 
 
 def _state() -> SharedState:
@@ -166,6 +174,7 @@ def authorize_connection(sid: str, auth: Any, query: Mapping[str, Any]) -> tuple
     Refusals: validation_error, invalid_connection_string, connection_string_expired,
     invalid_api_key, chat_not_found, forbidden, too_many_connections.
     """
+    started = time.monotonic()
     if auth is not None and not isinstance(auth, dict):
         raise ApiError("validation_error", "The auth payload must be an object.")
     params = {**{k: v for k, v in query.items()}, **(auth or {})}
@@ -193,14 +202,21 @@ def authorize_connection(sid: str, auth: Any, query: Mapping[str, Any]) -> tuple
         tenant = db.session.get(Tenant, claims["t"])
         if tenant is None:
             raise ApiError("invalid_connection_string", "The connection string is not valid.")
+        api_key_id = claims.get("k")
+        if api_key_id is not None:
+            key = db.session.get(ApiKey, api_key_id)
+            if key is None or key.tenant_id != tenant.id or key.revoked_at is not None:
+                raise ApiError("invalid_connection_string", "The API key that issued this "
+                               "connection string has been revoked; ask for a new one.")
         user_id = claims["u"]
     else:
         if not is_valid_user_id(user_id):
             raise ApiError("validation_error", "The user id is not valid.",
                            {"user_id": [USER_ID_ERROR]})
-        tenant = tenant_for_api_key(api_key)
-        if tenant is None:
+        key = find_api_key(api_key)
+        if key is None:
             raise ApiError("invalid_api_key", "The API key is not valid.")
+        tenant, api_key_id = key.tenant, key.id
     chat = db.session.get(Chat, chat_id)
     if chat is None or chat.tenant_id != tenant.id:
         raise ApiError("chat_not_found", f"Chat {chat_id!r} was not found.")
@@ -212,13 +228,19 @@ def authorize_connection(sid: str, auth: Any, query: Mapping[str, Any]) -> tuple
     if not _state().acquire_connection(tenant.id, sid, limit):
         raise ApiError("too_many_connections",
                        f"This tenant already has {limit} connections open.")
+    connection = Connection(sid, tenant.id, user.id, user.external_id, chat.id,
+                            chat.workspace_id, last_message_id, api_key_id)
     try:
         first = _mark_first_connection(user)
+        # A revocation that committed after the checks above read the database, and ended
+        # sessions before this one is registered (the adapter does that next, without
+        # yielding), would miss it: refuse it as that revocation would have.
+        revoked = revocation.ended_since(connection, started)
+        if revoked is not None:
+            raise revoked
     except Exception:
         _state().release_connection(tenant.id, sid)
         raise
-    connection = Connection(sid, tenant.id, user.id, user.external_id, chat.id,
-                            chat.workspace_id, last_message_id)
     return connection, first
 
 

@@ -6,9 +6,10 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 
+from app.chat import revocation
 from app.errors import ApiError
 from app.extensions import db
-from app.models import Tenant, User, Workspace, WorkspaceMember, may_be_id
+from app.models import Chat, Tenant, User, Workspace, WorkspaceMember, may_be_id
 from app.pagination import paginate
 from app.schemas import AGENT_SECRETS
 from app.users import find_user, get_or_create_user
@@ -86,9 +87,13 @@ def update_workspace(workspace: Workspace, changes: dict[str, Any]) -> Workspace
 
 
 def delete_workspace(workspace: Workspace) -> None:
-    """Delete a workspace with its chats and their messages."""
+    """Delete a workspace with its chats and their messages; the chats' connected clients get
+    ``chat_deleted`` and are disconnected."""
+    chat_ids = db.session.execute(
+        select(Chat.id).where(Chat.workspace_id == workspace.id)).scalars().all()
     db.session.delete(workspace)
     db.session.commit()
+    revocation.close_chats(chat_ids)
 
 
 def add_member(tenant: Tenant, workspace: Workspace, user_id: str) -> None:
@@ -112,6 +117,8 @@ def remove_member(tenant: Tenant, workspace: Workspace, user_id: str) -> None:
     if membership is not None:
         db.session.delete(membership)
         db.session.commit()
+        # their open connections to the workspace's chats end now, not at their next connect
+        revocation.end_member_sessions(tenant.id, workspace.id, user.id)
 
 
 def can_access(workspace: Workspace, user: User) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 from flask_sock import Sock
 
-from app.chat import service
+from app.chat import revocation, service
 from app.chat.service import NAMESPACE, Connection
 from app.errors import ApiError
 from app.extensions import db, socketio
@@ -38,6 +38,7 @@ class PlainWebSocketClient:
         self.connection: Connection | None = None
         self.message_string: str | None = None
         self.closed = False
+        self.ending = False
         self.logger = current_app.logger
 
     # -- output -----------------------------------------------------------------------------
@@ -48,7 +49,8 @@ class PlainWebSocketClient:
             self.queue.put({"event": event, "data": data})
 
     def close(self) -> None:
-        """End the connection (after the frames already queued)."""
+        """End the connection (after the frames already queued); no frame is handled after."""
+        self.ending = True
         self.queue.put(None)
 
     def _write(self) -> None:
@@ -82,6 +84,7 @@ class PlainWebSocketClient:
         room = service.chat_room(connection.chat_id)
         manager.gate(self.id)
         manager.add_listener(room, self.id, self.send, self.close)
+        revocation.track(connection)
         events, keep = service.catch_up(connection, first)
         for event, data in events:
             if event == "connection_established":
@@ -163,7 +166,7 @@ class PlainWebSocketClient:
         try:
             while not self.closed:
                 raw = self.ws.receive(timeout=RECEIVE_TIMEOUT)
-                if raw is None:
+                if raw is None or self.ending:  # ending: e.g. revoked, its frames are void
                     continue
                 self.handle(raw)
                 db.session.remove()
