@@ -26,6 +26,9 @@ keepalive = 5
 _json_logs = os.environ.get("LOG_FORMAT", "text").lower() == "json"
 accesslog = "-" if os.environ.get("ACCESS_LOG", "1") != "0" and not _json_logs else None
 errorlog = "-"
+# Access lines never show the values of api_key, connection_string or message_string query
+# parameters (polling and /ws/chat clients send them in the URL): they read [redacted].
+logger_class = "app.jsonlog.RedactingGunicornLogger"
 if _json_logs:
     from app.jsonlog import gunicorn_logconfig
 

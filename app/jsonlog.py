@@ -4,9 +4,47 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import datetime, timezone
+from urllib.parse import unquote_plus
+
+from gunicorn.glogging import Logger as GunicornLogger
 
 from app.timefmt import iso_z
+
+#: Query parameters whose values never reach a log line (contract §9, "Logs").
+SECRET_PARAMETERS = frozenset({"api_key", "connection_string", "message_string"})
+REDACTED = "[redacted]"
+_PARAMETER = re.compile(r"(^|[?&;])([^=&;#?\s]*)=([^&;#\s]*)")
+
+
+def redact_query(text: str | None) -> str | None:
+    """A query string, URL or request line with the values of the secret parameters replaced
+    by ``[redacted]`` (names compared after percent-decoding: ``api%5Fkey`` is ``api_key``)."""
+    if not text or "=" not in text:
+        return text
+
+    def replace(match: re.Match) -> str:
+        lead, name, _ = match.groups()
+        if unquote_plus(name).strip().lower() in SECRET_PARAMETERS:
+            return f"{lead}{name}={REDACTED}"
+        return match.group(0)
+
+    return _PARAMETER.sub(replace, text)
+
+
+class RedactingGunicornLogger(GunicornLogger):
+    """gunicorn's logger, its access log lines without the values of ``api_key``,
+    ``connection_string`` and ``message_string`` (long-polling and /ws/chat clients send them
+    in the query string): set as ``logger_class`` in gunicorn.conf.py."""
+
+    def atoms(self, resp, req, environ, request_time):
+        atoms = super().atoms(resp, req, environ, request_time)
+        for name in ("r", "q", "f"):  # request line, query string, referer
+            if isinstance(atoms.get(name), str):
+                atoms[name] = redact_query(atoms[name])
+        return atoms
+
 
 CONTEXT_FIELDS = ("request_id", "tenant_id", "chat_id", "sid", "event", "method", "path",
                   "status", "duration_ms", "remote_addr")
@@ -32,7 +70,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def gunicorn_logconfig(json_format: bool) -> dict:
-    """gunicorn's own log lines in the same format as the app's."""
+    """gunicorn's own log lines in the same format as the app's (access lines, when gunicorn
+    writes them, are redacted by RedactingGunicornLogger)."""
     formatter = ({"()": "app.jsonlog.JsonFormatter"} if json_format else
                  {"format": "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"})
     return {
