@@ -47,7 +47,7 @@ class RedactingGunicornLogger(GunicornLogger):
 
 
 CONTEXT_FIELDS = ("request_id", "tenant_id", "chat_id", "sid", "event", "method", "path",
-                  "status", "duration_ms", "remote_addr")
+                  "query", "status", "duration_ms", "remote_addr")
 
 
 class JsonFormatter(logging.Formatter):

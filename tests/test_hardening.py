@@ -27,6 +27,18 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SERVER_ENV = {"ACCESS_LOG": "1", "DEMO": "1", "RATE_LIMIT_MESSAGES": "10/minute"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def keep_the_developers_demo_key():
+    """The DEMO=1 servers here write instance/demo_api_key: the developer's is put back."""
+    key_file = ROOT / "instance" / "demo_api_key"
+    saved = key_file.read_bytes() if key_file.exists() else None
+    yield
+    if saved is None:
+        key_file.unlink(missing_ok=True)
+    else:
+        key_file.write_bytes(saved)
+
+
 def nested(depth: int) -> str:
     """A JSON array nested ``depth`` levels deep."""
     return "[" * depth + "]" * depth

@@ -1,4 +1,5 @@
-"""Brute force on the real server (every transport), and HOST=127.0.0.1 (`make run`).
+"""Brute force on the real server (every transport), HOST=127.0.0.1 (`make run`), and the
+app's own JSON access log (LOG_FORMAT=json).
 
 One server for the module, bound to 127.0.0.1 with RATE_LIMIT_AUTH_FAILURES=5/minute; the
 brute-force test blocks this test client's address, so it runs last.
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+import uuid
 from urllib.parse import urlencode
 
 import pytest
@@ -16,7 +19,8 @@ import websocket
 from tests.conftest import ADMIN_TOKEN
 from tests.realtime import connect, new_tenant, refusal_code
 
-SERVER_ENV = {"RATE_LIMIT_AUTH_FAILURES": "5/minute", "HOST": "127.0.0.1"}
+SERVER_ENV = {"RATE_LIMIT_AUTH_FAILURES": "5/minute", "HOST": "127.0.0.1",
+              "LOG_FORMAT": "json"}
 
 
 def test_a_server_started_with_host_127_0_0_1_listens_on_loopback_only(live_server):
@@ -32,6 +36,28 @@ def test_the_makefile_binds_127_0_0_1_unless_told_otherwise():
     makefile = (ROOT / "Makefile").read_text()
     assert "HOST   ?= 127.0.0.1" in makefile
     assert "HOST=$(HOST)" in makefile
+
+
+def test_the_json_access_log_redacts_credentials_in_query_strings(live_server):
+    tenant = new_tenant(live_server.url)
+    secrets = {"api_key": "wc_" + uuid.uuid4().hex, "connection_string": uuid.uuid4().hex,
+               "message_string": uuid.uuid4().hex}
+    marker = uuid.uuid4().hex
+    r = requests.get(live_server.url + "/api/v1/workspaces/user/ann",
+                     params={"marker": marker, **secrets}, headers=tenant.headers, timeout=10)
+    assert r.status_code == 200, r.text
+    r = requests.get(live_server.url + "/socket.io/", timeout=10, params={
+        "EIO": "4", "transport": "polling", "marker": marker, **secrets})
+    assert r.status_code == 200
+    deadline = time.monotonic() + 10
+    while marker not in live_server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the log is a file: there is no event to wait on
+    log = live_server.log()
+    for value in secrets.values():
+        assert value not in log
+    lines = [json.loads(line) for line in log.splitlines() if marker in line]
+    assert lines, log[-2000:]
+    assert all(line["query"].count("[redacted]") == 3 for line in lines), lines
 
 
 def test_wrong_credentials_on_any_transport_are_limited_per_address(live_server):
