@@ -8,8 +8,6 @@ import re
 from datetime import datetime, timezone
 from urllib.parse import unquote_plus
 
-from gunicorn.glogging import Logger as GunicornLogger
-
 from app.timefmt import iso_z
 
 #: Query parameters whose values never reach a log line (contract §9, "Logs").
@@ -31,19 +29,6 @@ def redact_query(text: str | None) -> str | None:
         return match.group(0)
 
     return _PARAMETER.sub(replace, text)
-
-
-class RedactingGunicornLogger(GunicornLogger):
-    """gunicorn's logger, its access log lines without the values of ``api_key``,
-    ``connection_string`` and ``message_string`` (long-polling and /ws/chat clients send them
-    in the query string): set as ``logger_class`` in gunicorn.conf.py."""
-
-    def atoms(self, resp, req, environ, request_time):
-        atoms = super().atoms(resp, req, environ, request_time)
-        for name in ("r", "q", "f"):  # request line, query string, referer
-            if isinstance(atoms.get(name), str):
-                atoms[name] = redact_query(atoms[name])
-        return atoms
 
 
 CONTEXT_FIELDS = ("request_id", "tenant_id", "chat_id", "sid", "event", "method", "path",
@@ -71,7 +56,7 @@ class JsonFormatter(logging.Formatter):
 
 def gunicorn_logconfig(json_format: bool) -> dict:
     """gunicorn's own log lines in the same format as the app's (access lines, when gunicorn
-    writes them, are redacted by RedactingGunicornLogger)."""
+    writes them, are redacted by gunicorn.conf.py's logger class)."""
     formatter = ({"()": "app.jsonlog.JsonFormatter"} if json_format else
                  {"format": "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"})
     return {
