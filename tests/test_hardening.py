@@ -411,3 +411,50 @@ def test_the_service_drops_typing_past_two_a_second_and_forgets_windows_on_relea
         service.release_connection(connection)
         for name in ("typing", "message_string", "message"):
             assert connection.sid not in app.extensions[f"chat_{name}_rate"].windows
+
+
+# --- 5. /docs in a real browser (Debian's Chromium, as tests/test_demo_browser.py) -------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import os
+
+    from tests.conftest import REQUIRE_SERVICES
+
+    if not os.path.exists(CHROMIUM):
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium)")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield chromium
+        chromium.close()
+
+
+def test_docs_renders_swagger_ui_in_a_browser_with_nothing_but_the_app(rt_server, browser):
+    context = browser.new_context()
+    context.set_default_timeout(20_000)
+    elsewhere: list[str] = []
+
+    def only_the_app(route):
+        # anything not from the app is recorded and never sent
+        if route.request.url.startswith((rt_server.url + "/", "data:")):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_app)
+    try:
+        page = context.new_page()
+        page.goto(rt_server.url + "/docs")
+        page.locator(".swagger-ui .info .title").filter(has_text="Workspace Chat").wait_for()
+        page.locator(".opblock-summary-path", has_text="/admin/tenants").first.wait_for()
+        assert elsewhere == []
+    finally:
+        context.close()
