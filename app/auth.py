@@ -67,6 +67,8 @@ def refuse_if_blocked() -> None:
     """
     from app.extensions import limiter
 
+    if not limiter.enabled:  # RATELIMIT_ENABLED=False: no limit counts
+        return
     item, address = _auth_failure_limit(), get_remote_address()
     try:
         strategy = limiter.limiter
@@ -85,6 +87,8 @@ def count_auth_failure() -> None:
     """Count one wrong API key or admin token against the client's address."""
     from app.extensions import limiter
 
+    if not limiter.enabled:
+        return
     try:
         limiter.limiter.hit(_auth_failure_limit(), "auth_failures", get_remote_address())
     except Exception:
