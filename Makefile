@@ -6,15 +6,22 @@ PORT   ?= 8000
 # make run listens on this machine only; HOST=0.0.0.0 make run serves the network
 HOST   ?= 127.0.0.1
 DEMO_JS := app/demo/node_modules/.package-lock.json
+DOCS_JS := app/api/swagger/node_modules/.package-lock.json
 
 .PHONY: install run test bench clean
 
-install: $(VENV)/.installed $(DEMO_JS)
+install: $(VENV)/.installed $(DEMO_JS) $(DOCS_JS)
 
 # The demo page's socket.io client, served by the app itself (no CDN): installed again when
 # node_modules is missing or package-lock.json changed.
 $(DEMO_JS): app/demo/package.json app/demo/package-lock.json
 	npm ci --prefix app/demo --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Swagger UI for /docs, served by the app itself (no CDN); --ignore-scripts: swagger-ui-dist's
+# dependency @scarf/scarf would otherwise run an install-time analytics script.
+$(DOCS_JS): app/api/swagger/package.json app/api/swagger/package-lock.json
+	npm ci --prefix app/api/swagger --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt setup.py setup.cfg clients/python/pyproject.toml

@@ -2,6 +2,10 @@
 import os
 import warnings
 
+from gunicorn import glogging
+
+from app.jsonlog import redact_query
+
 # eventlet is our users' choice (see docs/operations.md); its deprecation notice would be
 # printed by every worker, as text even when LOG_FORMAT=json.
 warnings.filterwarnings("ignore", message="\nEventlet is deprecated")
@@ -26,6 +30,21 @@ keepalive = 5
 _json_logs = os.environ.get("LOG_FORMAT", "text").lower() == "json"
 accesslog = "-" if os.environ.get("ACCESS_LOG", "1") != "0" and not _json_logs else None
 errorlog = "-"
+
+
+class RedactingLogger(glogging.Logger):
+    """Access lines never show the values of api_key, connection_string or message_string
+    query parameters (polling and /ws/chat clients send them in the URL): [redacted]."""
+
+    def atoms(self, resp, req, environ, request_time):
+        atoms = super().atoms(resp, req, environ, request_time)
+        for name in ("r", "q", "f"):  # request line, query string, referer
+            if isinstance(atoms.get(name), str):
+                atoms[name] = redact_query(atoms[name])
+        return atoms
+
+
+logger_class = RedactingLogger
 if _json_logs:
     from app.jsonlog import gunicorn_logconfig
 

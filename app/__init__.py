@@ -69,7 +69,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> "Flask":
     from app.config import Defaults, database_url, from_env
     from app.logs import configure_logging
 
+    from app.api import DepthCheckedJSONProvider
+
     app = Flask(__name__, instance_relative_config=True)
+    app.json = DepthCheckedJSONProvider(app)  # JSON nested > 64 deep is invalid JSON (§9)
     app.config.from_object(Defaults)
     app.config.update(from_env(os.environ, app.instance_path))
     if config:
@@ -127,6 +130,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> "Flask":
     from app.admin.cli import demo_cli, tenants_cli
 
     app.register_blueprint(health_bp)
+    from app.api import swagger_ui_bp  # /docs' Swagger UI files, from the app (no CDN)
+
+    app.register_blueprint(swagger_ui_bp)
+    limiter.exempt(swagger_ui_bp)
     from app.ws.routes import bp as ws_bp
 
     app.register_blueprint(ws_bp)

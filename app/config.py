@@ -113,7 +113,10 @@ class Defaults:
     OPENAPI_URL_PREFIX = "/"
     OPENAPI_JSON_PATH = "openapi.json"
     OPENAPI_SWAGGER_UI_PATH = "docs"
-    OPENAPI_SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.17.14/"
+    # Swagger UI from the app itself (app/api: swagger-ui-dist), no CDN; no validator badge
+    # (it would load an image from the validator's host).
+    OPENAPI_SWAGGER_UI_URL = "/docs/static/"
+    OPENAPI_SWAGGER_UI_CONFIG = {"validatorUrl": None}
     # Flask-Limiter
     RATELIMIT_HEADERS_ENABLED = True
     RATELIMIT_STORAGE_URI = "memory://"

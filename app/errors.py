@@ -1,6 +1,7 @@
 """The one API error type, its codes, and the one JSON error renderer for HTTP."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -77,9 +78,12 @@ class ApiError(Exception):
 
 
 def error_response(error: ApiError, headers: dict[str, str] | None = None):
-    """Render an ApiError as the JSON error envelope."""
+    """Render an ApiError as the JSON error envelope (with Retry-After when it says when)."""
     response = jsonify({"error": error.to_dict()})
     response.status_code = error.status
+    retry_after = error.details.get("retry_after")
+    if error.status in (429, 503) and isinstance(retry_after, (int, float)):
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response

@@ -13,7 +13,7 @@ import uuid
 
 from flask import Flask, Response, g, has_request_context, request
 
-from app.jsonlog import JsonFormatter
+from app.jsonlog import JsonFormatter, redact_query
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -83,6 +83,8 @@ def _finish_request(app: Flask, log_access: bool):
             started = g.get("request_started_at")
             app.logger.info("%s %s %s", request.method, request.path, response.status_code,
                             extra={"method": request.method, "path": request.path,
+                                   "query": redact_query(
+                                       request.query_string.decode("latin-1")) or None,
                                    "status": response.status_code,
                                    "remote_addr": request.remote_addr,
                                    "duration_ms": round((time.perf_counter() - started) * 1000,

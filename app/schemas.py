@@ -321,7 +321,8 @@ class TenantCreateSchema(Schema):
 class TenantCreatedSchema(Schema):
     id = fields.String()
     name = fields.String()
-    api_key = fields.String()
+    api_key = fields.String(metadata={"description": "Shown only in this response."})
+    api_key_id = fields.String(metadata={"description": "The first key's id, to revoke it."})
 
 
 @always_present

@@ -103,6 +103,9 @@ def base_config(database_url: str, **overrides: Any) -> dict[str, Any]:
         "TESTING": True,
         "REDIS_URL": None,
         "RATELIMIT_STORAGE_URI": "memory://",
+        # every test client is 127.0.0.1 and the session's apps share the limiter: the wrong
+        # credentials that tests send must not add up (tests/test_hardening.py sets 20/minute)
+        "RATE_LIMIT_AUTH_FAILURES": "1000000/minute",
     }
     config.update(overrides)
     return config

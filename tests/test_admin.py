@@ -144,7 +144,7 @@ def key_count(client, tenant_id: str) -> int:
 
 def test_creating_a_tenant_returns_its_id_name_and_a_working_api_key(client):
     body = create_tenant(client, "Initech")
-    assert set(body) == {"id", "name", "api_key"}
+    assert set(body) == {"id", "name", "api_key", "api_key_id"}
     assert body["name"] == "Initech"
     assert isinstance(body["id"], str) and body["id"]
     assert isinstance(body["api_key"], str) and len(body["api_key"]) >= 32

@@ -50,7 +50,7 @@ pytestmark = pytest.mark.e2e
 SECRET = "live-secret"  # conftest.server_env's SECRET_KEY
 # The rates and the per-tenant connection cap are not under test here; the attacks are many.
 SERVER_ENV = {"RATE_LIMIT_REST": "100000/minute", "RATE_LIMIT_MESSAGES": "1000/second",
-              "MAX_CONNECTIONS_PER_TENANT": "1000"}
+              "MAX_CONNECTIONS_PER_TENANT": "1000", "RATE_LIMIT_AUTH_FAILURES": "100000/minute"}
 
 ATTACK = "ATTACK"  # in every text tenant A sends; tenant B's clients must never see it
 B_SECRET = "B-SECRET"  # in every text of tenant B's; tenant A must never see it
@@ -929,6 +929,7 @@ OTHER_ROUTES = {
     ("GET", "/metrics"): "public, no tenant data (test_public_routes_show_nothing_of_a_tenant)",
     ("GET", "/openapi.json"): "public (test_public_routes_show_nothing_of_a_tenant)",
     ("GET", "/docs"): "public (test_public_routes_show_nothing_of_a_tenant)",
+    ("GET", "/docs/static/{filename}"): "Swagger UI's files for /docs (tests/test_hardening.py)",
     ("GET", "/static/{filename}"): "Flask's static files",
     ("GET", "/ws/chat"): "the plain WebSocket door: every test here with transport 'ws'",
     # DEMO=1 only: the demo tenant's own page, seat and JS client; never takes a tenant key.

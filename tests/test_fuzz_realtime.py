@@ -37,7 +37,7 @@ from tests.realtime import new_tenant
 pytestmark = pytest.mark.e2e
 
 SERVER_ENV = {"RATE_LIMIT_MESSAGES": "100000/second", "RATE_LIMIT_REST": "100000/minute",
-              "MAX_CONNECTIONS_PER_TENANT": "100000"}
+              "MAX_CONNECTIONS_PER_TENANT": "100000", "RATE_LIMIT_AUTH_FAILURES": "100000/minute"}
 
 #: The error codes of CONTRACT.md (sections 2 and 3), less internal_error.
 CONTRACT_CODES = {

@@ -1,6 +1,6 @@
 """The admin API behind ADMIN_TOKEN: tenants and their API keys."""
 from app.api import Blueprint
-from app.auth import create_api_key, create_tenant, require_admin, revoke_api_key
+from app.auth import create_api_key, create_tenant_with_key, require_admin, revoke_api_key
 from app.errors import ApiError
 from app.extensions import db
 from app.models import ApiKey, Tenant, may_be_id
@@ -25,9 +25,10 @@ def _tenant(tenant_id: str) -> Tenant:
 @bp.arguments(TenantCreateSchema)
 @bp.response(201, TenantCreatedSchema)
 def create(body):
-    """Create a tenant; its API key is shown only in this response."""
-    tenant, key = create_tenant(body["name"])
-    return {"id": tenant.id, "name": tenant.name, "api_key": key}
+    """Create a tenant; its API key is shown only in this response, with the key's id
+    (``api_key_id``, for ``DELETE /admin/tenants/{id}/api-keys/{api_key_id}``)."""
+    tenant, row, key = create_tenant_with_key(body["name"])
+    return {"id": tenant.id, "name": tenant.name, "api_key": key, "api_key_id": row.id}
 
 
 @bp.route("/tenants/<tenant_id>/api-keys", methods=["POST"])

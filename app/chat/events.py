@@ -152,7 +152,8 @@ class ChatNamespace(Namespace):
         return ack
 
     def on_get_message_string(self, *args: Any) -> dict[str, Any]:
-        return self._call(lambda: service.new_message_string(self._connection()))
+        return self._call(lambda: service.new_message_string(self._connection(),
+                                                             requested=True))
 
     def on_stop_generation(self, *args: Any) -> dict[str, Any]:
         return self._call(lambda: {"ok": True, "stopped": service.stop_generation(
@@ -162,6 +163,8 @@ class ChatNamespace(Namespace):
         def relay():
             connection = self._connection()
             payload = service.typing_payload(connection, args[0] if len(args) == 1 else None)
+            if payload is None:  # over the typing rate: dropped silently
+                return
             emit("typing", payload, to=service.chat_room(connection.chat_id),
                  include_self=False)
 

@@ -259,6 +259,10 @@ def release_connection(connection: Connection) -> None:
     """Stop counting a connection that has ended."""
     _state().release_connection(connection.tenant_id, connection.sid)
     _message_rate().forget(connection.sid)
+    for name in ("message_string", "typing"):  # the windows of get_message_string, typing
+        rate = current_app.extensions.get(f"chat_{name}_rate")
+        if rate is not None:
+            rate.forget(connection.sid)
 
 
 def missed_messages(connection: Connection) -> tuple[list[dict], bool]:
@@ -277,8 +281,20 @@ def missed_messages(connection: Connection) -> tuple[list[dict], bool]:
     return [_dump_message(m) for m in reversed(rows[:MAX_REPLAY])], truncated
 
 
-def new_message_string(connection: Connection) -> dict[str, str]:
-    """A fresh single-use message string for this connection."""
+def new_message_string(connection: Connection, requested: bool = False) -> dict[str, str]:
+    """A fresh single-use message string for this connection.
+
+    ``requested``: the client asked for it (``get_message_string``); such requests have their
+    own window of RATE_LIMIT_MESSAGES per connection, then ``rate_limited`` with
+    ``details.retry_after``. The strings the server hands out by itself (in
+    ``connection_established`` and each ack) are not counted.
+    """
+    if requested:
+        retry_after = _connection_rate("message_string", "RATE_LIMIT_MESSAGES").hit(
+            connection.sid)
+        if retry_after is not None:
+            raise ApiError("rate_limited", "Too many message string requests; slow down.",
+                           {"retry_after": retry_after})
     token, expires = issue_message_string(connection.tenant_id, connection.user_id,
                                           connection.chat_id, connection.sid)
     return {"message_string": token, "expires_at": to_iso(expires)}
@@ -345,6 +361,22 @@ class MessageRate:
 
     def forget(self, key: str) -> None:
         self.windows.pop(key, None)
+
+
+#: How often one connection's ``typing`` events are relayed; the rest are dropped silently.
+TYPING_RATE = "2/second"
+
+
+def _connection_rate(name: str, limit_setting: str | None = None,
+                     limit: str | None = None) -> MessageRate:
+    """The process's per-connection window ``name`` (like the message window, a connection
+    lives in one process): its limit is the setting ``limit_setting``, or ``limit``."""
+    key = f"chat_{name}_rate"
+    rate = current_app.extensions.get(key)
+    if rate is None:
+        rate = current_app.extensions[key] = MessageRate(
+            current_app.config[limit_setting] if limit_setting else limit)
+    return rate
 
 
 def _message_rate() -> MessageRate:
@@ -561,12 +593,16 @@ def _ack(connection: Connection, message: Message | None, data: dict | None = No
             "reply_expected": reply_expected}
 
 
-def typing_payload(connection: Connection, payload: Any) -> dict[str, Any]:
-    """Validate a ``typing`` event; returns what the other clients get."""
+def typing_payload(connection: Connection, payload: Any) -> dict[str, Any] | None:
+    """Validate a ``typing`` event; returns what the other clients get, or None when the
+    event is dropped: at most TYPING_RATE are relayed per connection, the rest silently (no
+    error, no ack), and the adapters then emit nothing."""
     is_typing = payload.get("is_typing") if isinstance(payload, dict) else None
     if not isinstance(is_typing, bool):
         raise ApiError("validation_error", "'is_typing' must be true or false.",
                        {"is_typing": ["Must be a boolean."]})
+    if _connection_rate("typing", limit=TYPING_RATE).hit(connection.sid) is not None:
+        return None
     return {"user_id": connection.user_id, "is_typing": is_typing}
 
 

@@ -12,12 +12,13 @@ import unicodedata
 from typing import Any
 
 from flask import Blueprint, current_app, render_template, request, send_from_directory
+from flask_limiter.util import get_remote_address
 from sqlalchemy import select
 
 from app.chat.service import connection_string_for, create_chat
 from app.demo import DEMO_OWNER_ID, DEMO_TENANT_ID, ensure_demo
 from app.errors import ApiError
-from app.extensions import db
+from app.extensions import db, limiter
 from app.models import Chat, Tenant, Workspace
 from app.workspaces.service import add_member, get_workspace
 
@@ -53,7 +54,13 @@ def socket_io_client(filename: str):
     return send_from_directory(SOCKET_IO_DIST, filename)
 
 
+def demo_rate_limit() -> str:
+    """Demo joins per client address (RATE_LIMIT_DEMO, 10 a minute)."""
+    return current_app.config["RATE_LIMIT_DEMO"]
+
+
 @bp.post("/demo/join")
+@limiter.limit(demo_rate_limit, key_func=get_remote_address, scope="demo_join")
 def join():
     """A chat and a connection string for the name the person typed, created on first use."""
     name = _name_from(request.get_json(silent=True))

@@ -117,7 +117,7 @@ class PlainWebSocketClient:
             if event == "message":
                 self._message(data)
             elif event == "get_message_string":
-                string = service.new_message_string(self.connection)
+                string = service.new_message_string(self.connection, requested=True)
                 self.message_string = string["message_string"]
                 self.send("get_message_string", string)
             elif event == "stop_generation":
@@ -125,6 +125,8 @@ class PlainWebSocketClient:
                           {"ok": True, "stopped": service.stop_generation(self.connection)})
             elif event == "typing":
                 payload = service.typing_payload(self.connection, data)
+                if payload is None:  # over the typing rate: dropped silently
+                    return
                 socketio.emit("typing", payload, to=service.chat_room(self.connection.chat_id),
                               namespace=NAMESPACE, skip_sid=self.id)
             else:
