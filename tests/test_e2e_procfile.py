@@ -81,3 +81,11 @@ def test_whole_rest_flow_over_http(live_server):
 def test_server_log_shows_no_traceback_after_the_flow(live_server):
     log = live_server.log()
     assert "Traceback" not in log, log
+
+
+def test_a_start_prints_no_deprecation_banner(live_server):
+    # eventlet is the documented choice (docs/operations.md); its notices would greet every
+    # operator at every start, eventlet's own and gunicorn's eventlet worker's
+    log = live_server.log()
+    assert "Booting worker" in log
+    assert "DEPRECATED" not in log and "deprecated" not in log.lower(), log
