@@ -265,10 +265,10 @@ class CheckedAdapter(HTTPAdapter):
 
 def session(allow_private: bool) -> requests.Session:
     """A requests Session for agent traffic: checked destinations, no proxies from the
-    environment (a proxy would connect on our behalf, unchecked), no redirects by default."""
+    environment (a proxy would connect on our behalf, unchecked). Callers pass
+    ``allow_redirects=False``: a redirect's target would not be checked before the request."""
     result = requests.Session()
     result.trust_env = False
-    result.max_redirects = 0
     adapter = CheckedAdapter(allow_private)
     result.mount("http://", adapter)
     result.mount("https://", adapter)
