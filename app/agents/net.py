@@ -20,6 +20,7 @@ same host); the other rules (no redirects, no proxies from the environment) stay
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from typing import Iterable
@@ -269,6 +270,9 @@ def session(allow_private: bool) -> requests.Session:
     ``allow_redirects=False``: a redirect's target would not be checked before the request."""
     result = requests.Session()
     result.trust_env = False
+    # trust_env also dropped the CA bundle settings, which are harmless: keep them.
+    result.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") \
+        or True
     adapter = CheckedAdapter(allow_private)
     result.mount("http://", adapter)
     result.mount("https://", adapter)
