@@ -282,3 +282,32 @@ def test_a_name_that_resolves_to_loopback_is_refused_at_request_time_before_conn
         assert error is not None and "destination not allowed" in error["message"], error
         assert OPENAI_KEY not in json.dumps(error) and WEBHOOK_SECRET not in json.dumps(error)
     assert listener.recorded()[before:] == [], "the refused destination was contacted"
+
+
+def test_the_connection_goes_to_the_checked_address_without_a_second_lookup(monkeypatch):
+    """In-process: a name "resolved" once (getaddrinfo patched, nothing leaves the machine);
+    the request reaches the loopback listener it resolved to, with the name as its Host."""
+    import socket
+
+    server = Listener()
+    lookups = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(net.socket, "getaddrinfo", getaddrinfo)
+    try:
+        response = net.session(allow_private=True).post(
+            f"http://agent.rebind.test:{server.port}/hook", data=b"{}", allow_redirects=False,
+            timeout=10)
+        assert response.status_code == 200
+        assert lookups == ["agent.rebind.test"]
+        assert [r["headers"]["Host"] for r in server.recorded()] == [
+            f"agent.rebind.test:{server.port}"]
+        with pytest.raises(net.DestinationRefused):  # the same name, without the opt-in
+            net.session(allow_private=False).post(
+                f"http://agent.rebind.test:{server.port}/hook", data=b"{}", timeout=10)
+        assert len(server.recorded()) == 1
+    finally:
+        server.close()
