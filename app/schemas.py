@@ -103,13 +103,27 @@ class AgentSchema(Schema):
         CALLABLE_RE, error="Must be 'package.module:function'."))
 
     @validates("callable")
-    def _importable(self, value, **kwargs):
-        # Loaded (once) when the workspace is saved, so a bad path is a validation error
-        # now rather than a failure at the first message.
+    def _allowed_callable(self, value, **kwargs):
+        # Only what the operator lists in PYTHON_AGENTS; nothing else is imported, ever. A
+        # listed one is loaded (once) now, so a bad path is a validation error rather than a
+        # failure at the first message.
         from app.agents.python import load_callable
 
         try:
             load_callable(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
+    @validates("url", "base_url")
+    def _public_destination(self, value, **kwargs):
+        # A literal address (any notation) or localhost that agents may not reach is refused
+        # now; host names are checked after resolving, on every request (app.agents.net).
+        from flask import current_app
+
+        from app.agents.net import check_url
+
+        try:
+            check_url(value, bool(current_app.config.get("AGENT_ALLOW_PRIVATE_NETWORKS")))
         except ValueError as exc:
             raise ValidationError(str(exc)) from None
 

@@ -7,6 +7,9 @@ a long time. Anything else is echoed back in one token.
 """
 import time
 
+#: PYTHON_AGENTS for test servers that use the callables here (nothing is allowed by default).
+ALLOWED = "tests.agents:reply,tests.agents:scripted,tests.agents:history"
+
 
 def reply(context):
     """The smallest agent: two tokens."""
@@ -42,3 +45,30 @@ def history(context):
 
 
 not_callable = 42
+
+
+# --- agents that raise what a well-behaved agent never should (tests/test_agent_security.py)
+
+class AgentAbort(BaseException):
+    """Not an Exception: like the exceptions greenlet libraries use to end a task."""
+
+
+def exits(context):
+    """Yields a token, then calls sys.exit (SystemExit ended an eventlet worker)."""
+    yield "t0 "
+    raise SystemExit(3)
+
+
+def interrupts(context):
+    yield "t0 "
+    raise KeyboardInterrupt
+
+
+def generator_exit(context):
+    yield "t0 "
+    raise GeneratorExit
+
+
+def aborts(context):
+    yield "t0 "
+    raise AgentAbort("a BaseException subclass")

@@ -19,12 +19,15 @@ from typing import Any, Callable
 import pytest
 import requests
 
+from tests import agents
 from tests.realtime import ChatClient, Tenant, connect, new_tenant
 
 pytestmark = pytest.mark.e2e
 
 AGENT_TIMEOUT = 5.0
-SERVER_ENV = {"RATE_LIMIT_MESSAGES": "1000/second", "AGENT_TIMEOUT": f"{AGENT_TIMEOUT:g}"}
+SERVER_ENV = {"RATE_LIMIT_MESSAGES": "1000/second", "AGENT_TIMEOUT": f"{AGENT_TIMEOUT:g}",
+              # the model server and webhook here listen on loopback
+              "PYTHON_AGENTS": agents.ALLOWED, "AGENT_ALLOW_PRIVATE_NETWORKS": "1"}
 #: Long streams below last at most 2.5 s, well within AGENT_TIMEOUT.
 WAIT = 15.0
 

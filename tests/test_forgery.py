@@ -42,6 +42,7 @@ import websocket
 from itsdangerous import URLSafeSerializer
 
 from app.tokens import CONNECTION_SALT, MESSAGE_SALT
+from tests import agents
 from tests.conftest import ADMIN_TOKEN, ROOT
 from tests.realtime import NAMESPACE, ChatClient, Tenant, connect, new_tenant, refusal_code
 
@@ -50,7 +51,9 @@ pytestmark = pytest.mark.e2e
 SECRET = "live-secret"  # conftest.server_env's SECRET_KEY
 # The rates and the per-tenant connection cap are not under test here; the attacks are many.
 SERVER_ENV = {"RATE_LIMIT_REST": "100000/minute", "RATE_LIMIT_MESSAGES": "1000/second",
-              "MAX_CONNECTIONS_PER_TENANT": "1000", "RATE_LIMIT_AUTH_FAILURES": "100000/minute"}
+              "MAX_CONNECTIONS_PER_TENANT": "1000", "RATE_LIMIT_AUTH_FAILURES": "100000/minute",
+              "PYTHON_AGENTS": agents.ALLOWED,
+              "AGENT_ALLOW_PRIVATE_NETWORKS": "1"}  # an openai agent at 127.0.0.1:9
 
 ATTACK = "ATTACK"  # in every text tenant A sends; tenant B's clients must never see it
 B_SECRET = "B-SECRET"  # in every text of tenant B's; tenant A must never see it

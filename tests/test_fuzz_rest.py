@@ -45,7 +45,8 @@ from schemathesis.specs.openapi import checks as openapi_checks
 from tests.conftest import ADMIN_TOKEN, start_server, stop_server
 from tests.realtime import Tenant, connect, new_tenant
 
-SERVER_ENV = {"RATE_LIMIT_REST": "1000000/minute", "RATE_LIMIT_AUTH_FAILURES": "1000000/minute"}
+SERVER_ENV = {"RATE_LIMIT_REST": "1000000/minute", "RATE_LIMIT_AUTH_FAILURES": "1000000/minute",
+              "AGENT_ALLOW_PRIVATE_NETWORKS": "1"}  # agents at 127.0.0.1:9 (never called)
 
 #: Generated examples per operation (schemathesis' coverage and examples phases add their own
 #: deterministic cases: boundaries, missing fields, wrong types, undocumented methods).
@@ -404,9 +405,10 @@ def make_no_leak_check(world: World):
 
 
 #: Rules the document states only in words, because JSON Schema cannot say them: an agent's
-#: URL must have a host marshmallow's URL validator accepts, a python agent's callable must
-#: import, and chat metadata must fit in 16 KB as JSON and hold no NUL anywhere (PostgreSQL
-#: cannot store one). A schema-valid request refused for one of these, and only these, is right;
+#: URL must have a host marshmallow's URL validator accepts (and that is a valid address if
+#: numeric), a python agent's callable must be listed in PYTHON_AGENTS (none is, here), and
+#: chat metadata must fit in 16 KB as JSON and hold no NUL anywhere (PostgreSQL cannot store
+#: one). A schema-valid request refused for one of these, and only these, is right;
 #: schemathesis' positive_data_acceptance is run for everything else.
 RULES_IN_WORDS = {"agent": {"url", "base_url", "callable"}, "metadata": None}
 

@@ -20,6 +20,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import agents
 from tests.conftest import free_port, service_missing, start_server, stop_server
 from tests.realtime import ChatClient, Tenant, connect, new_tenant, refusal_code
 
@@ -148,7 +149,8 @@ class PrivateRedis:
 # --- 1. JSON logs ---------------------------------------------------------------------------
 
 def test_json_log_format_makes_every_line_json_with_request_and_chat_context(tmp_path):
-    server = start_server(tmp_path, LOG_FORMAT="json", RATE_LIMIT_MESSAGES="1000/second")
+    server = start_server(tmp_path, LOG_FORMAT="json", RATE_LIMIT_MESSAGES="1000/second",
+                          PYTHON_AGENTS=agents.ALLOWED)
     clients: list[ChatClient] = []
     generated_id = None
     try:

@@ -23,6 +23,7 @@ from workspace_chat_client import (
     NotConnectedError,
     ReplyPendingError,
 )
+from tests import agents
 from tests.conftest import ROOT, LiveServer, procfile_command, start_server, stop_server
 from tests.realtime import Tenant, new_tenant
 
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.e2e
 # with a fresh one (see the reconnect test).
 CONNECTION_STRING_TTL = 3
 SERVER_ENV = {"RATE_LIMIT_MESSAGES": "100000/second",
-              "CONNECTION_STRING_TTL": str(CONNECTION_STRING_TTL)}
+              "CONNECTION_STRING_TTL": str(CONNECTION_STRING_TTL), "PYTHON_AGENTS": agents.ALLOWED}
 SCRIPTED = {"kind": "python", "callable": "tests.agents:scripted"}
 
 

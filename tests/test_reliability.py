@@ -35,6 +35,7 @@ import sqlalchemy
 import websocket
 
 from workspace_chat_client.client import OrderedSocketIOClient
+from tests import agents
 from tests.conftest import LiveServer, start_server, stop_server
 from tests.realtime import NAMESPACE, Tenant, new_tenant
 
@@ -44,6 +45,7 @@ SERVER_ENV = {
     "RATE_LIMIT_MESSAGES": "100000/second",
     "RATE_LIMIT_REST": "100000/minute",
     "MAX_CONNECTIONS_PER_TENANT": "1000",
+    "PYTHON_AGENTS": agents.ALLOWED,
 }
 SCRIPTED_AGENT = {"kind": "python", "callable": "tests.agents:scripted"}
 WAIT = 20   # seconds: the bound of every wait for something that should come much sooner

@@ -31,6 +31,7 @@ import pytest
 import redis
 import requests
 
+from tests import agents
 from tests.conftest import LiveServer, service_missing, start_server, stop_server
 from tests.realtime import ChatClient, Tenant, connect, new_tenant, refusal_code
 
@@ -49,6 +50,7 @@ SCALE_ENV = {
     "MAX_CONNECTIONS_PER_TENANT": str(CONNECTION_LIMIT),
     "CONNECTION_LEASE_SECONDS": str(LEASE_SECONDS),
     "AGENT_TIMEOUT": "10",
+    "PYTHON_AGENTS": agents.ALLOWED,
     "RATE_LIMIT_MESSAGES": "1000/second",
     "GRACEFUL_TIMEOUT": "5",
 }

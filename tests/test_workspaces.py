@@ -15,6 +15,28 @@ OPENAI_SECRET = "sk-openai-very-secret-0123456789"
 WEBHOOK_SECRET = "whsec-very-secret-9876543210"
 
 
+#: The python agents these tests configure (and the broken paths they expect refused for
+#: their own reason): PYTHON_AGENTS allows nothing by default.
+PYTHON_AGENTS = ["tests.agents:reply", "json:dumps", "no_such_pkg.mod:reply",
+                 "tests.agents:no_such_function", "tests.agents:not_callable"]
+
+
+@pytest.fixture(autouse=True)
+def agent_settings(app, monkeypatch):
+    """Python agents listed, and loopback webhook/openai URLs allowed (as an operator with a
+    local model server would configure it); tests/test_agent_security.py covers the defaults."""
+    monkeypatch.setitem(app.config, "PYTHON_AGENTS", PYTHON_AGENTS)
+    monkeypatch.setitem(app.config, "AGENT_ALLOW_PRIVATE_NETWORKS", True)
+
+
+def stored_secret(value: str) -> str:
+    """The plaintext of a secret as stored (encrypted: the row never holds the plaintext)."""
+    from app.agents.secrets import PREFIX, reveal
+
+    assert value.startswith(PREFIX), "the secret is stored in plaintext"
+    return reveal(value)
+
+
 def create(tenant, **body):
     """POST a workspace body as given (no defaults) and return the response."""
     return tenant.api.post("/api/v1/workspaces", json=body)
@@ -297,7 +319,7 @@ def test_secret_is_stored_for_the_agent_even_though_it_is_not_returned(tenant):
     ws = tenant.workspace(agent={"kind": "openai", "base_url": "https://api.openai.com",
                                  "model": "gpt", "api_key": OPENAI_SECRET})
     db.session.expire_all()
-    assert db.session.get(Workspace, ws["id"]).agent["api_key"] == OPENAI_SECRET
+    assert stored_secret(db.session.get(Workspace, ws["id"]).agent["api_key"]) == OPENAI_SECRET
 
 
 # --- PATCH ----------------------------------------------------------------------------------
@@ -343,7 +365,7 @@ def test_patch_of_same_kind_without_the_secret_keeps_the_secret(tenant):
     assert tenant.api.get(f"/api/v1/workspaces/{ws['id']}").get_json()["agent"][
         "api_key_set"] is True
     db.session.expire_all()
-    assert db.session.get(Workspace, ws["id"]).agent["api_key"] == OPENAI_SECRET
+    assert stored_secret(db.session.get(Workspace, ws["id"]).agent["api_key"]) == OPENAI_SECRET
 
 
 def test_patch_of_webhook_without_the_secret_keeps_the_secret(tenant):
@@ -368,7 +390,7 @@ def test_patch_with_a_new_secret_replaces_it(tenant):
     assert r.status_code == 200 and r.get_json()["agent"]["api_key_set"] is True
     assert "sk-rotated-key" not in r.get_data(as_text=True)
     db.session.expire_all()
-    assert db.session.get(Workspace, ws["id"]).agent["api_key"] == "sk-rotated-key"
+    assert stored_secret(db.session.get(Workspace, ws["id"]).agent["api_key"]) == "sk-rotated-key"
 
 
 def test_patch_with_a_different_kind_drops_the_secret(tenant):

@@ -5,20 +5,35 @@ import json
 from typing import Any, Iterator
 
 import requests
+from flask import current_app
 
+from app.agents import net
 from app.agents.base import AgentError
 
 USER_AGENT = "workspace-chat-agent/1"
 
 
 def post(url: str, timeout: float, **kwargs: Any) -> requests.Response:
-    """POST with a connect/read timeout and a clear AgentError on failure."""
+    """POST to a checked destination (``net``), with a connect/read timeout, no redirects.
+
+    Failures become AgentErrors whose text tells nothing about the network behind: one
+    message for every connection-level failure (an open port must not look different from a
+    closed one), the status of an error answer but never its body."""
     headers = {"User-Agent": USER_AGENT, **kwargs.pop("headers", {})}
+    allow_private = bool(current_app.config.get("AGENT_ALLOW_PRIVATE_NETWORKS"))
     try:
-        response = requests.post(url, headers=headers, stream=True,
-                                 timeout=(min(10.0, timeout), timeout), **kwargs)
-    except requests.RequestException as exc:
-        raise AgentError(f"could not reach the agent: {type(exc).__name__}") from exc
+        # Not closed here: the streamed response still reads from the session's connection.
+        response = net.session(allow_private).post(
+            url, headers=headers, stream=True, allow_redirects=False,
+            timeout=(min(10.0, timeout), timeout), **kwargs)
+    except net.DestinationRefused:
+        raise AgentError("destination not allowed") from None
+    except (requests.RequestException, OSError, ValueError):
+        raise AgentError("could not reach the agent") from None
+    if 300 <= response.status_code < 400:
+        response.close()
+        raise AgentError(f"the agent answered with a redirect (HTTP {response.status_code}), "
+                         "which is not followed")
     if response.status_code >= 400:
         response.close()
         raise AgentError(f"the agent answered HTTP {response.status_code}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from app.agents import http
+from app.agents import http, secrets
 from app.agents.base import AgentContext, AgentError
 
 DEFAULT_HISTORY = 10
@@ -29,8 +29,9 @@ class OpenAIAgent:
     def stream(self, context: AgentContext) -> Iterator[str]:
         url = self.config["base_url"].rstrip("/") + "/chat/completions"
         headers = {"Accept": "text/event-stream"}
-        if self.config.get("api_key"):
-            headers["Authorization"] = f"Bearer {self.config['api_key']}"
+        api_key = secrets.reveal(self.config.get("api_key"))  # decrypted only here
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         body = {"model": self.config["model"], "messages": self.conversation(context),
                 "stream": True}
         response = http.post(url, context.timeout, json=body, headers=headers)

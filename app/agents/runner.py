@@ -206,7 +206,9 @@ class Reply:
                 queue.put(("done", None))
             except AgentError as exc:
                 queue.put(("error", f"The agent failed: {exc}."))
-            except Exception:
+            except BaseException:
+                # BaseException: an agent's SystemExit or KeyboardInterrupt must end its reply,
+                # not the process (under eventlet one escaping a green thread ended the worker).
                 self.app.logger.exception("agent raised", extra={
                     "chat_id": job.chat_id, "tenant_id": job.tenant_id})
                 queue.put(("error", "The agent failed."))
@@ -215,7 +217,7 @@ class Reply:
                 if close is not None:
                     try:
                         close()
-                    except Exception:
+                    except BaseException:  # a generator that raises even when closed
                         pass
 
         socketio.start_background_task(produce)

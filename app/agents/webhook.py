@@ -6,7 +6,7 @@ import hmac
 import json
 from typing import Any, Iterator
 
-from app.agents import http
+from app.agents import http, secrets
 from app.agents.base import AgentContext, AgentError
 
 DEFAULT_HISTORY = 20
@@ -30,8 +30,9 @@ class WebhookAgent:
         }, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json",
                    "Accept": "application/x-ndjson, text/event-stream, application/json"}
-        if self.config.get("secret"):
-            headers["X-Signature-256"] = signature(self.config["secret"], body)
+        secret = secrets.reveal(self.config.get("secret"))  # decrypted only here
+        if secret:
+            headers["X-Signature-256"] = signature(secret, body)
         response = http.post(self.config["url"], context.timeout, data=body, headers=headers)
         kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind == "text/event-stream":

@@ -6,6 +6,7 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 
+from app.agents.secrets import has_plaintext, seal_agent
 from app.chat import revocation
 from app.errors import ApiError
 from app.extensions import db
@@ -30,7 +31,7 @@ def create_workspace(tenant: Tenant, owner_id: str, name: str,
     """Create a workspace owned by ``owner_id`` (the user is created on first use)."""
     owner = get_or_create_user(tenant.id, owner_id)
     workspace = Workspace(tenant_id=tenant.id, owner=owner, name=name,
-                          agent=agent or {"kind": "none"})
+                          agent=merge_agent(None, agent or {"kind": "none"}))
     db.session.add(workspace)
     db.session.commit()
     return workspace
@@ -66,14 +67,15 @@ def list_user_workspaces(tenant: Tenant, user_id: str, offset: int, limit: int) 
 
 
 def merge_agent(current: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """The agent config to store: a secret left out of an update of the same kind is kept."""
+    """The agent config to store: a secret left out of an update of the same kind is kept,
+    and every secret is stored encrypted (app.agents.secrets)."""
     merged = dict(new)
     current = current or {}
     if current.get("kind") == new.get("kind"):
         for name in AGENT_SECRETS:
             if name not in new and current.get(name):
                 merged[name] = current[name]
-    return {k: v for k, v in merged.items() if v is not None}
+    return seal_agent({k: v for k, v in merged.items() if v is not None})
 
 
 def update_workspace(workspace: Workspace, changes: dict[str, Any]) -> Workspace:
@@ -82,6 +84,8 @@ def update_workspace(workspace: Workspace, changes: dict[str, Any]) -> Workspace
         workspace.name = changes["name"]
     if "agent" in changes and changes["agent"] is not None:
         workspace.agent = merge_agent(workspace.agent, changes["agent"])
+    elif has_plaintext(workspace.agent):
+        workspace.agent = seal_agent(workspace.agent)  # a secret stored before encryption
     db.session.commit()
     return workspace
 

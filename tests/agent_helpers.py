@@ -1,0 +1,177 @@
+"""Helpers for the agent security tests: a recording HTTP listener on loopback, a chat
+client that asks one question, and direct access to a live server's stored agent."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import pathlib
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import requests
+import sqlalchemy
+
+from app.agents import net
+from tests.realtime import ChatClient, Tenant, connect
+
+WAIT = 15.0
+
+
+class Listener:
+    """An HTTP server of the test's own on 127.0.0.1 that records every request it gets.
+
+    ``routes`` maps a path to (status, headers, body); anything else is 200 JSON
+    ``{"content": "ok"}``."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]] | None = None):
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.routes = routes or {}
+        listener = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with listener.lock:
+                    listener.requests.append({"path": self.path, "headers": dict(self.headers),
+                                              "body": body})
+                status, headers, payload = listener.routes.get(
+                    self.path, (200, {"Content-Type": "application/json"},
+                                b'{"content": "ok"}'))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(payload)
+                self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def recorded(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.requests)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+def join(tenant: Tenant, chat: str, user: str = "ann") -> ChatClient:
+    client = connect(tenant.url, {"chat_id": chat,
+                                  "connection_string": tenant.connection_string(chat, user)})
+    assert client.connect_error is None, client.connect_error
+    client.wait_for("connection_established")
+    return client
+
+
+def wait_event(client: ChatClient, name: str, match, timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    with client.cond:
+        while True:
+            for event, data in client.events:
+                if event == name and match(data):
+                    return data
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching {name!r} within {timeout}s: "
+                                     f"{[e for e, _ in client.events]}")
+            client.cond.wait(remaining)
+
+
+def ask(client: ChatClient, content: str) -> tuple[dict, dict | None]:
+    """Send a message, wait for its reply to end; (message_stream_ended, agent_error or None)."""
+    string = client.call("get_message_string")["message_string"]
+    ack = client.send(content, string)
+    assert ack["ok"] is True, ack
+    started = wait_event(client, "message_stream_started",
+                         lambda d: d["reply_to"] == ack["message"]["id"])
+    message_id = started["message_id"]
+    ended = wait_event(client, "message_stream_ended", lambda d: d["message_id"] == message_id)
+    with client.cond:
+        errors = [d for e, d in client.events if e == "error" and d.get("code") == "agent_error"
+                  and (d.get("details") or {}).get("message_id") == message_id]
+    return ended, (errors[0] if errors else None)
+
+
+def ask_once(tenant: Tenant, agent: dict, content: str = "hello") -> tuple[dict, dict | None]:
+    """A new workspace with ``agent``, one chat, one message: how its reply ended."""
+    chat = tenant.chat("ann", tenant.workspace("ann", agent=agent))
+    client = join(tenant, chat)
+    try:
+        return ask(client, content)
+    finally:
+        client.disconnect()
+
+
+def validation_details(response: requests.Response) -> dict:
+    assert response.status_code == 400, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert error["code"] == "validation_error", error
+    return error["details"]
+
+
+def database_engine(server) -> sqlalchemy.Engine:
+    return sqlalchemy.create_engine(server.env["DATABASE_URL"])
+
+
+def set_stored_agent(server, workspace_id: str, agent: dict) -> None:
+    """Replace a workspace's stored agent in the database, as an older version or an
+    operator's earlier settings would have left it."""
+    from app.models import Workspace
+
+    engine = database_engine(server)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.update(Workspace.__table__)
+                         .where(Workspace.__table__.c.id == workspace_id).values(agent=agent))
+    finally:
+        engine.dispose()
+
+
+def stored_agent_text(server, workspace_id: str) -> str:
+    """The workspace's agent column as the database holds it."""
+    engine = database_engine(server)
+    try:
+        with engine.connect() as conn:
+            value = conn.execute(sqlalchemy.text("SELECT agent FROM workspaces WHERE id = :id"),
+                                 {"id": workspace_id}).scalar_one()
+    finally:
+        engine.dispose()
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def loopback_names() -> list[str]:
+    """Names /etc/hosts maps to a loopback address, other than localhost (read at test time)."""
+    names = []
+    for line in pathlib.Path("/etc/hosts").read_text().splitlines():
+        fields = line.split("#")[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            address = ipaddress.ip_address(fields[0])
+        except ValueError:
+            continue
+        if address.is_loopback:
+            names += [n for n in fields[1:] if not net.is_local_name(n)]
+    return names
