@@ -111,7 +111,9 @@ def join():
     people = _remember_name(chat, user_id, name)
     seat = connection_string_for(tenant, chat, user_id)
     return {"chat_id": chat.id, "connection_string": seat["connection_string"],
-            "expires_at": seat["expires_at"], "user_id": user_id, "name": name, "room": room,
+            "expires_at": seat["expires_at"], "user_id": user_id, "name": name,
+            # the room as whoever named it first spelled it
+            "room": (chat.meta or {}).get("room", room) if room is not None else None,
             "people": people}
 
 
