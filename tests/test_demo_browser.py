@@ -198,21 +198,28 @@ def test_two_people_in_one_room_see_each_other_typing_talking_and_the_stream_gro
         assert bubble.locator("time").get_attribute("datetime")
     expect(bob.locator("#typing")).to_have_text("")
 
-    # The reply streams where both can see it; Bob watches it grow.
+    # The reply streams where both can see it; Bob watches it grow, and what he sends
+    # meanwhile waits (pending) until the chat is free.
     reply = bob.get_by_role("log").locator(".msg.agent", has_text="w29")
     expect(bob.get_by_role("button", name="Stop")).to_be_visible()
+    bob.get_by_label("Message").fill("Hi Ann")
+    bob.get_by_label("Message").press("Enter")
+    expect(bob.locator(".msg.pending", has_text="Hi Ann")).to_have_count(1)
     expect(reply).to_have_attribute("data-finish", "stop")
     expect(reply.locator(".who")).to_have_text("Echo bot")
     expect(bob.get_by_role("button", name="Stop")).to_be_hidden()
-    counts = [n for _, n in bob.evaluate("() => window.seenTokens")]
+    reply_id = reply.get_attribute("data-message-id")
+    counts = [n for message_id, n in bob.evaluate("() => window.seenTokens")
+              if message_id == reply_id]
     assert len(set(counts)) >= 3, counts  # seen at three sizes at least before its end
     assert counts == sorted(counts), counts
     echo_reply(ann, "w29")
+    expect(bob.locator(".msg.mine", has_text="Hi Ann")).to_have_count(1)
+    expect(bob.locator(".msg.pending")).to_have_count(0)
+    expect(bob.locator("#alert")).to_have_text("")
     shot(bob, "room-desktop-bob")
 
-    # Bob answers: Ann sees his name (learned after she joined), not his user id.
-    bob.get_by_label("Message").fill("Hi Ann")
-    bob.get_by_label("Message").press("Enter")
+    # Bob's answer went out after the reply: Ann sees his name (learned after she joined).
     answer = ann.get_by_role("log").locator(".msg.other", has_text="Hi Ann")
     expect(answer.locator(".who")).to_have_text("Bob")
     echo_reply(ann, "Hi Ann")
@@ -369,6 +376,29 @@ def test_offline_is_said_clearly_what_is_sent_waits_and_goes_out_once(demo_serve
     contents = [m["content"] for m in history if m["role"] == "user"]
     assert contents == ["before the drop", "written while offline", "cut off in flight"], history
     only_this_server(page, demo_server)
+
+
+def test_a_message_the_server_finds_busy_waits_and_goes_out_once_the_chat_is_free(
+        demo_server, context):
+    page = open_demo(context, demo_server)
+    join(page, "Cy Busy")
+    # Another message of this page's socket starts a reply, and in the same task Send is
+    # pressed: the page's client has not seen the stream start, so the server may answer
+    # chat_busy; either way the message waits as pending and goes out after the reply.
+    page.get_by_label("Message").fill("queued behind a stream")
+    page.evaluate("""async () => {
+        const socket = window.workspaceChatDemo.socket;
+        const {message_string} = await socket.emitWithAck('get_message_string', {});
+        socket.emit('message', {content: 'w '.repeat(30) + 'finale', message_string});
+        document.getElementById('send-button').click();
+    }""")
+    expect(page.locator(".msg.pending", has_text="queued behind a stream")).to_have_count(1)
+    echo_reply(page, "finale")
+    echo_reply(page, "queued behind a stream")
+    expect(page.locator(".msg.pending")).to_have_count(0)
+    expect(page.locator("#alert")).to_have_text("")
+    contents = [m["content"] for m in stored(demo_server, chat_id_of(page)) if m["role"] == "user"]
+    assert contents == ["w " * 30 + "finale", "queued behind a stream"], contents
 
 
 def test_a_message_sent_while_a_reply_streams_waits_and_goes_out_after_it(demo_server, context):
