@@ -14,6 +14,8 @@ from app.users import get_or_create_user
 DEMO_TENANT_ID = "demo"
 DEMO_OWNER_ID = "demo"
 DEMO_WORKSPACE_NAME = "Demo"
+# 40 ms between words: slow enough that people see the reply stream (and can press Stop).
+DEMO_AGENT = {"kind": "echo", "delay_ms": 40}
 
 
 @dataclass
@@ -50,9 +52,9 @@ def ensure_demo() -> Demo:
         Workspace.owner_id == owner.id, Workspace.name == DEMO_WORKSPACE_NAME)).scalars().first()
     if workspace is None:
         workspace = Workspace(tenant_id=tenant.id, owner=owner, name=DEMO_WORKSPACE_NAME,
-                              agent={"kind": "echo"})
+                              agent=dict(DEMO_AGENT))
         db.session.add(workspace)
     else:
-        workspace.agent = {"kind": "echo"}
+        workspace.agent = dict(DEMO_AGENT)
     db.session.commit()
     return Demo(tenant.id, workspace.id, DEMO_OWNER_ID, key)

@@ -61,7 +61,12 @@ export interface ChatEvents {
   disconnected: string;
   reconnecting: { attempt: number; delayMs: number };
   chatDeleted: { chat_id: string };
+  /** The outbox changed (a message queued, sent, refused or dropped). */
+  outbox: OutboxEntry[];
 }
+
+/** A message waiting in the outbox. */
+export interface OutboxEntry { content: string; chatId: string | null; clientMessageId: string }
 
 /** A refusal: `not_connected`, `reply_pending`, `timeout`, or the server's contract code. */
 export class ChatError extends Error {
@@ -84,6 +89,13 @@ export class ChatClient {
   readonly replyPending: boolean;
   connect(chatId: string, options?: { lastMessageId?: string }): Promise<ConnectionEstablished>;
   send(content: string, options?: { chatId?: string; clientMessageId?: string }): Promise<ChatMessage>;
+  /** Send now if possible, else wait in the outbox (offline, or while a reply streams in the
+   * chat) and go out in order under the same client_message_id; resolves with the stored
+   * message. Rejects with the server's code if it refuses the message itself, or with
+   * `not_connected` if disconnect() drops the outbox. */
+  queue(content: string, options?: { chatId?: string; clientMessageId?: string }): Promise<ChatMessage>;
+  /** What waits in the outbox, oldest first. */
+  readonly outbox: OutboxEntry[];
   stopGeneration(): Promise<boolean>;
   typing(isTyping?: boolean): void;
   disconnect(): void;

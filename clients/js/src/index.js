@@ -5,7 +5,10 @@
 // message is sent with a single-use message string (the one from the last ack, or a fresh one
 // from `get_message_string`); while the agent's reply to this client's last message streams,
 // `send` refuses with `reply_pending`; after a drop the client reconnects by itself with a
-// fresh connection string and `last_message_id`, and is replayed what it missed.
+// fresh connection string and `last_message_id`, and is replayed what it missed. `queue` is
+// an outbox on top of `send`: what is queued while the connection is down (or while a reply
+// streams in the chat) waits, and goes out in order under its own client_message_id, so a
+// message whose first try was cut off is still stored once.
 import { io } from "socket.io-client";
 
 const NAMESPACE = "/chat";
@@ -17,7 +20,11 @@ const FINAL_ERRORS = new Set(["forbidden", "chat_not_found", "invalid_api_key",
 // Error events that end this client's access to the chat (section 9, revocation).
 const REVOKED = new Set(["forbidden", "invalid_api_key"]);
 const EVENTS = ["message", "streamStart", "token", "streamEnd", "typing", "error", "connected",
-  "disconnected", "reconnecting", "chatDeleted"];
+  "disconnected", "reconnecting", "chatDeleted", "outbox"];
+// Outbox failures that only mean "not now": the message stays queued and is tried again.
+const TRY_LATER = new Set(["not_connected", "timeout", "reply_pending", "chat_busy"]);
+// How long a queued message waits after a chat_busy whose stream this client cannot see.
+const BUSY_RETRY_MS = 1000;
 
 /** An error with a contract error code (`not_connected`, `reply_pending`, or the server's). */
 export class ChatError extends Error {
@@ -82,6 +89,10 @@ export class ChatClient {
     this._closed = true;
     this._attempt = 0;
     this._retryTimer = null;
+    this._outbox = [];            // [{content, chatId, clientMessageId, resolve, reject}]
+    this._flushing = false;
+    this._streams = new Set();    // ids of the replies streaming in the chat, as seen here
+    this._busyTimer = null;
   }
 
   // --- events --------------------------------------------------------------------------------
@@ -109,6 +120,12 @@ export class ChatClient {
         setTimeout(() => { throw err; });
       }
     }
+  }
+
+  /** What waits in the outbox, oldest first: `[{content, chatId, clientMessageId}]`. */
+  get outbox() {
+    return this._outbox.map(({ content, chatId, clientMessageId }) =>
+      ({ content, chatId, clientMessageId }));
   }
 
   /** Whether the reply to this client's last message is still awaited. */
@@ -194,13 +211,16 @@ export class ChatClient {
       this._messageString = { value: data.message_string,
         expiresAt: data.message_string_expires_at };
       this._attempt = 0;
+      this._streams.clear();  // the replay and content_so_far say what streams now
       this._fire("connected", data);
+      this._flushSoon();
     }));
     socket.on("message_received", mine((message) => {
       this._seen(message.id);
       this._fire("message", message);
     }));
     socket.on("message_stream_started", mine((data) => {
+      this._streams.add(data.message_id);
       this._noteReply(data.reply_to, { id: data.message_id, ended: false });
       if (this._pendingReplyTo !== null && data.reply_to === this._pendingReplyTo) {
         this._replyId = data.message_id;
@@ -213,8 +233,10 @@ export class ChatClient {
       for (const reply of this._replies.values()) {
         if (reply.id === data.message_id) reply.ended = true;
       }
+      this._streams.delete(data.message_id);
       if (data.message_id === this._replyId) this._clearPending();
       this._fire("streamEnd", data);
+      this._flushSoon();
     }));
     socket.on("typing", mine((data) => this._fire("typing", data)));
     socket.on("error", mine((body) => {
@@ -240,6 +262,7 @@ export class ChatClient {
     socket.on("disconnect", mine((reason) => {
       const wasConnected = this.session.connected;
       this.session = { ...this.session, connected: false };
+      this._streams.clear();
       if (wasConnected) this._fire("disconnected", reason);
       if (reason !== "io client disconnect") this._scheduleReconnect();
     }));
@@ -284,7 +307,10 @@ export class ChatClient {
     // A reply that never starts (its agent vanished) must not block this client for ever.
     clearTimeout(this._replyTimer);
     this._replyTimer = setTimeout(() => {
-      if (this._pendingReplyTo === messageId && this._replyId === null) this._clearPending();
+      if (this._pendingReplyTo === messageId && this._replyId === null) {
+        this._clearPending();
+        this._flushSoon();
+      }
     }, this.options.ackTimeout);
   }
 
@@ -294,9 +320,14 @@ export class ChatClient {
     this._replyId = null;
   }
 
-  /** Leave the chat; no reconnection follows. */
+  /** Leave the chat; no reconnection follows, and what waits in the outbox is rejected with
+   * `not_connected`. */
   disconnect() {
     this._closed = true;
+    this._streams.clear();
+    clearTimeout(this._busyTimer);
+    this._busyTimer = null;
+    const dropped = this._outbox.splice(0);
     if (this._retryTimer !== null) {
       clearTimeout(this._retryTimer);
       this._retryTimer = null;
@@ -311,6 +342,13 @@ export class ChatClient {
       socket.removeAllListeners();
       socket.disconnect();
       if (wasConnected) this._fire("disconnected", "io client disconnect");
+    }
+    if (dropped.length) {
+      for (const item of dropped) {
+        item.reject(new ChatError("not_connected", "The client left the chat before this " +
+          "message could be sent.", { client_message_id: item.clientMessageId }));
+      }
+      this._fire("outbox", this.outbox);
     }
   }
 
@@ -364,6 +402,71 @@ export class ChatClient {
       // A string refused for its own sake: one more try with a fresh one (same client id, so
       // the message is stored once whatever happened to the first try).
       if (!STRING_ERRORS.has(error.code) || attempt >= 1) throw error;
+    }
+  }
+
+  /**
+   * Send a message now if that is possible, else keep it in the outbox and send it as soon as
+   * it is (after the next `connected`, or once the reply streaming in the chat has ended);
+   * resolves with the stored message. Queued messages go out one at a time, in order, each
+   * under its client_message_id (made here unless given), so a message is stored once even if
+   * a try was cut off. Rejects with the server's code when the server refuses the message
+   * itself, and with `not_connected` when `disconnect()` or `connect()` drops the outbox.
+   */
+  queue(content, { chatId, clientMessageId } = {}) {
+    const item = { content, chatId: chatId || null,
+      clientMessageId: clientMessageId || newClientMessageId() };
+    const promise = new Promise((resolve, reject) => {
+      item.resolve = resolve;
+      item.reject = reject;
+    });
+    this._outbox.push(item);
+    this._fire("outbox", this.outbox);
+    this._flush();
+    return promise;
+  }
+
+  _flushSoon() {
+    if (this._outbox.length) Promise.resolve().then(() => this._flush());
+  }
+
+  async _flush() {
+    if (this._flushing) return;
+    this._flushing = true;
+    try {
+      while (this._outbox.length && this._socket && this.session.connected &&
+             this._pendingReplyTo === null && this._streams.size === 0 &&
+             this._busyTimer === null) {
+        const item = this._outbox[0];
+        let message;
+        try {
+          message = await this.send(item.content, { chatId: item.chatId || undefined,
+            clientMessageId: item.clientMessageId });
+        } catch (err) {
+          if (this._outbox[0] !== item) continue;  // dropped meanwhile (disconnect)
+          if (err instanceof ChatError && TRY_LATER.has(err.code)) {
+            if (err.code === "chat_busy") {
+              // someone else's reply streams (its start may not have reached us yet)
+              this._busyTimer = setTimeout(() => {
+                this._busyTimer = null;
+                this._flush();
+              }, BUSY_RETRY_MS);
+            }
+            break;  // kept; a connected, streamEnd or the timer tries again
+          }
+          this._outbox.shift();
+          this._fire("outbox", this.outbox);
+          item.reject(err);
+          continue;
+        }
+        if (this._outbox[0] === item) {
+          this._outbox.shift();
+          this._fire("outbox", this.outbox);
+        }
+        item.resolve(message);
+      }
+    } finally {
+      this._flushing = false;
     }
   }
 
