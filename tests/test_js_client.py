@@ -110,6 +110,15 @@ def test_js_client_reconnects_by_itself_and_is_replayed_what_it_missed(live_serv
     assert result["send_after_reconnect"] == "back again"
 
 
+def test_js_client_keeps_reconnecting_while_its_backend_is_down(live_server, run_js, chat):
+    tenant, chat_id = chat
+    result = run_js({"url": live_server.url, "api_key": tenant.key, "chat_id": chat_id,
+                     "scenario": "backendDown"})
+    assert result["reconnected"] is True and result["failures_left"] == 0, result
+    assert result["errors"].count("not_connected") == 2, result  # said, not fatal
+    assert result["sent"] == "after the outage"
+
+
 def test_the_ack_says_whether_a_reply_will_stream(live_server, chat):
     tenant, chat_id = chat
     silent_ws = tenant.workspace("ann")  # kind none: nothing replies

@@ -86,6 +86,7 @@ export class ChatClient {
     this._replyId = null;         // id of that reply once its stream started
     this._replyTimer = undefined;
     this._replies = new Map();    // reply_to -> {id, ended}
+    this._credentialsMissing = false;  // this attempt went without a connection string
     this._closed = true;
     this._attempt = 0;
     this._retryTimer = null;
@@ -197,9 +198,16 @@ export class ChatClient {
   }
 
   _authFailed(err, cb) {
-    // getConnectionString failed (its backend is down): connect without credentials, which the
-    // server refuses; the refusal then goes through the usual retry path.
+    // getConnectionString failed during a reconnection. Socket.IO needs an answer, so the
+    // attempt goes on without credentials (the server refuses it): a refusal of the backend's
+    // that a retry cannot cure ends the client; anything else (the backend is down) is
+    // retried like a dropped connection, not taken for the server's final validation_error.
     this._fire("error", err);
+    if (err instanceof ChatError && FINAL_ERRORS.has(err.code)) {
+      this.disconnect();
+    } else {
+      this._credentialsMissing = true;
+    }
     cb({ chat_id: this.session.chatId });
   }
 
@@ -251,6 +259,11 @@ export class ChatClient {
     }));
     socket.on("connect_error", mine((err) => {
       const code = err && err.data && err.data.code;
+      if (this._credentialsMissing) {
+        this._credentialsMissing = false;
+        this._scheduleReconnect();
+        return;
+      }
       if (!this.session.connected && this._attempt === 0 && code) return;  // connect() rejects
       if (code && FINAL_ERRORS.has(code)) {
         this._fire("error", new ChatError(code, err.message));

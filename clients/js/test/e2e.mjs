@@ -129,7 +129,35 @@ async function reconnect() {
   return result;
 }
 
-const scenarios = { basics, reconnect };
+// The backend that hands out connection strings is down for a while during a reconnection:
+// the client keeps trying, and is back once the backend is.
+async function backendDown() {
+  const result = { errors: [] };
+  let failures = 0;
+  const ann = new ChatClient(config.url, {
+    transports: ["websocket"],
+    getConnectionString: async (chatId) => {
+      if (failures > 0) {
+        failures -= 1;
+        throw new Error("backend unavailable");
+      }
+      return connectionStringFor("ann", chatId);
+    },
+  });
+  ann.on("error", (err) => result.errors.push(err.code));
+  await ann.connect(config.chat_id);
+  const back = until(ann, "connected", () => true, 30000);
+  failures = 2;
+  ann._socket.io.engine.close();
+  await back;
+  result.reconnected = ann.session.connected;
+  result.failures_left = failures;
+  result.sent = (await ann.send("after the outage")).content;
+  ann.disconnect();
+  return result;
+}
+
+const scenarios = { basics, reconnect, backendDown };
 try {
   const result = await scenarios[config.scenario]();
   console.log(JSON.stringify(result));
