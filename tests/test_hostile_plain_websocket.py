@@ -374,8 +374,9 @@ def test_a_typing_flood_delays_neither_healthz_nor_other_chats(rt_server, tenant
     quiet = tenant.chat("ann", tenant.workspace("ann", members=("bob",)))
     flooder = joined(rt_server, tenant, flooded)
     flooder.sock.settimeout(1)
-    batch = RawWebSocket.encode(json.dumps({"event": "typing", "data": {"is_typing": True}}))
-    batch *= 1000
+    # padded (the server ignores the extra field), so that TCP buffers cannot hold 100,000
+    typing = {"event": "typing", "data": {"is_typing": True, "pad": "p" * 200}}
+    batch = RawWebSocket.encode(json.dumps(typing)) * 1000
     stop = threading.Event()
     sent = [0]
 
