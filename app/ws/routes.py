@@ -196,13 +196,14 @@ class PlainWebSocketClient:
         self.send("message", ack)
 
     def run(self) -> None:
-        try:
-            self.open()
-        finally:
-            db.session.remove()  # no transaction held open while the socket is idle
-        writer = socketio.start_background_task(self._write)
+        writer = None
         bucket = TokenBucket(FRAME_RATE, FRAME_BURST)
         try:
+            try:
+                self.open()
+            finally:
+                db.session.remove()  # no transaction held open while the socket is idle
+            writer = socketio.start_background_task(self._write)
             for raw in self.ws.messages():
                 if self.closed:
                     break
@@ -215,7 +216,8 @@ class PlainWebSocketClient:
             self.reader_done.set()
             self.leave()
             self.close()
-            writer.join()
+            if writer is not None:
+                writer.join()
 
 
 def _refused_origin() -> Response | None:
