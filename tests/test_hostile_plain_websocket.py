@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
+from app.ws.socket import TokenBucket
 from tests.conftest import start_server, stop_server
 from tests.realtime import new_tenant
 from tests.test_plain_websocket import PlainClient
@@ -417,6 +418,20 @@ def test_a_typing_flood_delays_neither_healthz_nor_other_chats(rt_server, tenant
         ann.close()
         bob.close()
     assert healthy(rt_server)
+
+
+def test_the_frame_budget_is_a_burst_of_200_then_100_a_second(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("app.ws.socket.time.monotonic", lambda: clock[0])
+    bucket = TokenBucket(100, 200)
+    assert [bucket.take() for _ in range(200)] == [0.0] * 200
+    assert bucket.take() == pytest.approx(0.01)
+    clock[0] += 0.5  # 50 frames' worth
+    assert [bucket.take() for _ in range(50)] == [0.0] * 50
+    assert bucket.take() > 0
+    clock[0] += 3600  # never more than the burst saved
+    assert [bucket.take() for _ in range(200)] == [0.0] * 200
+    assert bucket.take() > 0
 
 
 # --- 5. slow clients ------------------------------------------------------------------------
