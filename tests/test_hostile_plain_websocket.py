@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from urllib.parse import urlencode
 
 import pytest
@@ -49,7 +50,7 @@ class RawWebSocket:
 
     def __init__(self, server, path: str = "/ws/chat", params: dict | None = None,
                  origin: str | None = None, rcvbuf: int | None = None,
-                 timeout: float = 10) -> None:
+                 timeout: float = 10, extra_headers: str = "") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:  # before connect, so that the window is small from the start
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -62,7 +63,7 @@ class RawWebSocket:
                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n")
         if origin:
             head += f"Origin: {origin}\r\n"
-        self.sock.sendall((head + "\r\n").encode())
+        self.sock.sendall((head + extra_headers + "\r\n").encode())
         self.buffer = b""
         while b"\r\n\r\n" not in self.buffer:
             self._fill()
@@ -109,7 +110,12 @@ class RawWebSocket:
             length = struct.unpack("!H", self._take(2))[0]
         elif length == 127:
             length = struct.unpack("!Q", self._take(8))[0]
-        return first & 0x0F, self._take(length)
+        payload = self._take(length)
+        if first & 0x40:  # compressed (permessage-deflate): one context for the connection
+            if not hasattr(self, "inflater"):
+                self.inflater = zlib.decompressobj(-15)
+            payload = self.inflater.decompress(payload + b"\0\0\xff\xff")
+        return first & 0x0F, payload
 
     def next(self) -> dict:
         """The next JSON frame; Closed on a close frame (its code in ``close_code``)."""
@@ -136,8 +142,8 @@ class RawWebSocket:
             return self.close_code
 
     @staticmethod
-    def header(length: int, opcode: int = 1, fin: bool = True) -> bytes:
-        first = (0x80 if fin else 0) | opcode
+    def header(length: int, opcode: int = 1, fin: bool = True, rsv1: bool = False) -> bytes:
+        first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
         if length < 126:
             head = struct.pack("!BB", first, 0x80 | length)
         elif length < 65536:
@@ -354,7 +360,9 @@ def test_origins_are_checked_as_socketio_checks_them(rt_server):
 
 @pytest.fixture(scope="module")
 def cors_server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("cors"), CORS_ORIGINS=ALLOWED_ORIGIN)
+    """A second server: CORS_ORIGINS set, and WebSocket compression on (WS_COMPRESSION=1)."""
+    server = start_server(tmp_path_factory.mktemp("cors"), CORS_ORIGINS=ALLOWED_ORIGIN,
+                          WS_COMPRESSION="1")
     yield server
     stop_server(server.process)
 
@@ -366,6 +374,28 @@ def test_configured_origins_are_checked_as_socketio_checks_them(cors_server):
         "http://evil.example": 400,
         f"http://127.0.0.1:{cors_server.port}": 400,  # only CORS_ORIGINS, as Socket.IO
     })
+
+
+def test_a_compressed_message_inflating_past_1_mb_is_refused_with_1009(cors_server):
+    compressor = zlib.compressobj(wbits=-15)
+    block = b"a" * MB
+    payload = b"".join(compressor.compress(block) for _ in range(200))
+    payload += compressor.flush(zlib.Z_SYNC_FLUSH)[:-4]  # permessage-deflate drops 00 00 ff ff
+    tenant = new_tenant(cors_server.url)
+    chat = tenant.chat("ann")
+    healthy(cors_server)
+    before = worker_rss(cors_server)
+    ws = joined(cors_server, tenant, chat,
+                extra_headers="Sec-WebSocket-Extensions: permessage-deflate\r\n")
+    try:
+        assert "permessage-deflate" in ws.headers.get("sec-websocket-extensions", "")
+        frame = RawWebSocket.header(len(payload), rsv1=True) + payload  # 200 MB inflated
+        ws.stream([frame[i:i + 65536] for i in range(0, len(frame), 65536)], len(frame))
+        assert ws.close_code_at_end() == 1009
+    finally:
+        ws.close()
+    assert worker_rss(cors_server) - before < 30 * MB
+    assert healthy(cors_server)
 
 
 # --- 4. event floods ------------------------------------------------------------------------
