@@ -56,8 +56,12 @@ class PlainWebSocketClient:
     # -- output -----------------------------------------------------------------------------
 
     def send(self, event: str, data: Any, counted: bool = True) -> None:
-        """Queue a frame; the writer sends frames in this order. ``counted``: against
-        MAX_CLIENT_QUEUE (the catch-up sent on joining is bounded on its own)."""
+        """Queue a frame; the writer sends frames in this order.
+
+        ``counted``: against MAX_CLIENT_QUEUE. The catch-up queued on joining is not: it is
+        bounded on its own (MAX_REPLAY messages), and counting it would drop a client whose
+        replay alone passes the limit before it could read any of it, at every reconnection.
+        """
         if self.closed:
             return
         text = json.dumps({"event": event, "data": data})  # ASCII: one byte a character
