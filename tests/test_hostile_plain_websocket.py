@@ -525,6 +525,7 @@ def test_json_nested_deeper_than_64_levels_is_a_validation_error(rt_server, tena
         assert ws.until("message")["ok"]
         ws.send_text('{"content": "too deep", "extra": %s}' % nested(64))
         assert ws.until("error")["code"] == "validation_error"
+        assert ws.until("message")["error"]["code"] == "validation_error"  # and the nack
         ws.send_text('{"event": "typing", "data": {"is_typing": true, "x": %s}}' % nested(70))
         assert ws.until("error")["code"] == "validation_error"
         ws.send_text('{"content": %s}' % ("[" * 200_000))  # too deep for the json module

@@ -151,13 +151,11 @@ class PlainWebSocketClient:
             self.send("error", ApiError("validation_error", "Frames must be JSON objects, "
                                         "like {\"content\": \"hello\"}.").to_dict())
             return
-        if too_deep(frame):
-            self.send("error", ApiError("validation_error", "JSON is nested too deeply."
-                                        ).to_dict())
-            return
         event = frame.get("event", "message")
         data = frame.get("data", {}) if "event" in frame else frame
         try:
+            if too_deep(frame):
+                raise ApiError("validation_error", "JSON is nested too deeply.")
             if event == "message":
                 self._message(data)
             elif event == "get_message_string":
