@@ -104,6 +104,8 @@ class Defaults:
     """Settings that are not read from the environment."""
 
     MAX_CONTENT_LENGTH = 1024 * 1024
+    # /ws/chat (app/ws/socket.py): a message over 1 MB is refused with close code 1009.
+    SOCK_SERVER_OPTIONS = {"max_message_size": 1024 * 1024, "receive_bytes": 4096}
     SQLALCHEMY_TRACK_MODIFICATIONS = False
     JSON_SORT_KEYS = False
     # flask-smorest / OpenAPI

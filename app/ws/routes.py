@@ -9,44 +9,82 @@ keeps up to date from each success, so the simplest client only ever sends ``{"c
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from typing import Any
 
-from flask import Blueprint, current_app, request
-from flask_sock import Sock
+from flask import Blueprint, Response, current_app, request
 
 from app.chat import revocation, service
 from app.chat.service import NAMESPACE, Connection
 from app.errors import ApiError
 from app.extensions import db, socketio
+from app.jsondepth import too_deep
+from app.ws.socket import PlainSocket, TokenBucket
 
 bp = Blueprint("plain_websocket", __name__)
-sock = Sock()
 
-#: How long the adapter waits for the next frame before checking the connection is alive.
-RECEIVE_TIMEOUT = 30
+#: Client frames one connection may have handled: FRAME_RATE a second, bursts of FRAME_BURST.
+#: Past that the adapter stops reading the connection for a while (its frames wait in the
+#: client's TCP buffers): nobody else waits.
+FRAME_RATE = 100
+FRAME_BURST = 200
+#: Seconds our close may wait for the client's close frame.
+CLOSE_WAIT = 2.0
 
 
 class PlainWebSocketClient:
-    """One /ws/chat connection: a writer task draining a queue, and the read loop."""
+    """One /ws/chat connection: a writer task draining a queue, and the read loop.
 
-    def __init__(self, ws) -> None:
+    The queue is bounded in bytes: past MAX_CLIENT_QUEUE of unsent frames (those queued plus
+    the one being sent) the client is a slow client and is disconnected at once.
+    """
+
+    def __init__(self, ws: PlainSocket, connection: Connection, first: bool) -> None:
         self.ws = ws
-        self.id = "ws:" + uuid.uuid4().hex
+        self.id = connection.sid
         self.queue = socketio.server.eio.create_queue()
-        self.connection: Connection | None = None
+        self.connection: Connection | None = connection
+        self.first = first
         self.message_string: str | None = None
         self.closed = False
         self.ending = False
+        self.slow = False
+        self.reader_done = socketio.server.eio.create_event()
+        self.unsent = 0  # bytes of counted frames queued or being sent
+        self.max_unsent = current_app.config["MAX_CLIENT_QUEUE"]
         self.logger = current_app.logger
 
     # -- output -----------------------------------------------------------------------------
 
-    def send(self, event: str, data: Any) -> None:
-        """Queue a frame; the writer sends frames in this order."""
-        if not self.closed:
-            self.queue.put({"event": event, "data": data})
+    def send(self, event: str, data: Any, counted: bool = True) -> None:
+        """Queue a frame; the writer sends frames in this order.
+
+        ``counted``: against MAX_CLIENT_QUEUE. The catch-up queued on joining is not: it is
+        bounded on its own (MAX_REPLAY messages), and counting it would drop a client whose
+        replay alone passes the limit before it could read any of it, at every reconnection.
+        """
+        if self.closed:
+            return
+        text = json.dumps({"event": event, "data": data})  # ASCII: one byte a character
+        if counted:
+            self.unsent += len(text)
+            if self.unsent > self.max_unsent:
+                self._slow_client()
+                return
+        self.queue.put((text, counted))
+
+    def _slow_client(self) -> None:
+        """Too much unsent: drop the connection now (the reader then records why)."""
+        if self.slow:
+            return
+        self.slow = self.closed = True
+        connection = self.connection
+        self.logger.warning("/ws/chat slow client: %d bytes unsent (MAX_CLIENT_QUEUE %d); "
+                            "disconnecting user %s from chat %s", self.unsent, self.max_unsent,
+                            connection.user_id if connection else "?",
+                            connection.chat_id if connection else "?")
+        self.ws.abort()  # wakes the writer stuck in send and the reader
+        self.queue.put(None)
 
     def close(self) -> None:
         """End the connection (after the frames already queued); no frame is handled after."""
@@ -55,48 +93,53 @@ class PlainWebSocketClient:
 
     def _write(self) -> None:
         while True:
-            frame = self.queue.get()
-            if frame is None:
+            item = self.queue.get()
+            if item is None or self.slow:
                 break
+            text, counted = item
             try:
-                self.ws.send(json.dumps(frame))
+                self.ws.send(text)
             except Exception:  # the client went away; the read loop notices too
-                self.logger.warning("/ws/chat send failed", exc_info=True)
+                if not self.slow:
+                    self.logger.info("/ws/chat send failed", exc_info=True)
                 break
+            finally:
+                if counted:
+                    self.unsent -= len(text)
         self.closed = True
-        try:
-            self.ws.close()
-        except Exception:
-            pass
+        if self.slow:
+            return
+        self.ws.close()
+        if not self.reader_done.wait(CLOSE_WAIT):  # the client did not answer our close
+            self.ws.abort()
 
     # -- connection -------------------------------------------------------------------------
 
-    def open(self) -> bool:
-        """Authorise and join the chat, sending what a Socket.IO client would get."""
-        try:
-            connection, first = service.authorize_connection(self.id, None, request.args)
-        except ApiError as error:
-            # Refused: say why; the connection is then closed.
-            self.ws.send(json.dumps({"event": "error", "data": error.to_dict()}))
-            return False
-        self.connection = connection
+    def open(self) -> None:
+        """Join the chat (credentials already checked), sending what a Socket.IO client
+        would get."""
+        connection = self.connection
         manager = socketio.server.manager
         room = service.chat_room(connection.chat_id)
         manager.gate(self.id)
         manager.add_listener(room, self.id, self.send, self.close)
         revocation.track(connection)
-        events, keep = service.catch_up(connection, first)
+        events, keep = service.catch_up(connection, self.first)
         for event, data in events:
             if event == "connection_established":
                 self.message_string = data["message_string"]
-            self.send(event, data)
+            self.send(event, data, counted=False)
         manager.open_gate(self.id, NAMESPACE, keep)
-        return True
 
     def leave(self) -> None:
         if self.connection is not None:
             socketio.server.manager.remove_listener(
                 service.chat_room(self.connection.chat_id), self.id)
+            if self.slow:
+                try:
+                    service.note_slow_client(self.connection)
+                except Exception:
+                    self.logger.exception("/ws/chat could not record a slow client")
             service.release_connection(self.connection)
             self.connection = None
 
@@ -114,6 +157,8 @@ class PlainWebSocketClient:
         event = frame.get("event", "message")
         data = frame.get("data", {}) if "event" in frame else frame
         try:
+            if too_deep(frame):
+                raise ApiError("validation_error", "JSON is nested too deeply.")
             if event == "message":
                 self._message(data)
             elif event == "get_message_string":
@@ -158,43 +203,108 @@ class PlainWebSocketClient:
         self.send("message", ack)
 
     def run(self) -> None:
+        writer = None
+        bucket = TokenBucket(FRAME_RATE, FRAME_BURST)
         try:
-            opened = self.open()
-        finally:
-            db.session.remove()  # no transaction held open while the socket is idle
-        if not opened:
-            return
-        writer = socketio.start_background_task(self._write)
-        try:
-            while not self.closed:
-                raw = self.ws.receive(timeout=RECEIVE_TIMEOUT)
-                if raw is None or self.ending:  # ending: e.g. revoked, its frames are void
-                    continue
+            try:
+                self.open()
+            finally:
+                db.session.remove()  # no transaction held open while the socket is idle
+            writer = socketio.start_background_task(self._write)
+            for raw in self.ws.messages():
+                if self.closed or self.ending:  # ending: e.g. revoked, its frames are void
+                    break
                 self.handle(raw)
                 db.session.remove()
+                wait = bucket.take()
+                if wait:
+                    socketio.sleep(wait)  # back-pressure: this connection is not read meanwhile
         finally:
+            self.reader_done.set()
             self.leave()
             self.close()
-            writer.join()
+            if writer is not None:
+                writer.join()
 
 
-def _quiet_closed_socket_reader(previous=threading.excepthook):
-    """simple-websocket's reader thread raises EOFError when its socket is closed under it
-    (every server-side close under eventlet): routine, so not printed as a traceback."""
+def _refused_origin() -> Response | None:
+    """Socket.IO's answer to an ``Origin`` outside CORS_ORIGINS, from Socket.IO's own rules
+    (python-engineio: same origin as the request's host by default, ``*`` for any; a request
+    without ``Origin``, from a non-browser client, is accepted)."""
+    eio = socketio.server.eio
+    origin = request.environ.get("HTTP_ORIGIN")
+    if eio.cors_allowed_origins == [] or not origin:
+        return None
+    allowed = eio._cors_allowed_origins(request.environ)
+    if allowed is None or origin in allowed:
+        return None
+    current_app.logger.warning("/ws/chat: %s is not an accepted origin", origin[:200])
+    refusal = eio._bad_request("Not an accepted origin.")
+    return Response(refusal["response"], status=refusal["status"],
+                    headers=refusal["headers"])
 
-    def hook(args):
-        if (args.exc_type is EOFError and args.thread is not None
-                and "simple_websocket" in args.thread.name):
-            return
-        previous(args)
 
-    return hook
+class _Handled(Response):
+    """The response of a request whose socket the WebSocket took over (as flask-sock's)."""
+
+    def __init__(self, ws: PlainSocket) -> None:
+        super().__init__()
+        self.ws = ws
+
+    def __call__(self, environ, start_response):
+        if self.ws.mode == "eventlet":
+            try:
+                from eventlet.wsgi import WSGI_LOCAL
+                already_handled = []
+            except ImportError:  # older eventlet
+                from eventlet.wsgi import ALREADY_HANDLED as already_handled
+                WSGI_LOCAL = None
+            if hasattr(WSGI_LOCAL, "already_handled"):
+                WSGI_LOCAL.already_handled = True
+            return already_handled
+        if self.ws.mode == "gunicorn":
+            raise StopIteration()  # gunicorn: the connection is done, nothing more to write
+        if self.ws.mode == "werkzeug":
+            return super().__call__(environ, start_response)
+        return []
 
 
-threading.excepthook = _quiet_closed_socket_reader()
+@bp.route("/ws/chat", websocket=True)
+def chat_socket():
+    """``/ws/chat?chat_id=...&connection_string=...`` (or ``api_key`` and ``user_id``).
 
-
-@sock.route("/ws/chat", bp=bp)
-def chat_socket(ws) -> None:
-    """``/ws/chat?chat_id=...&connection_string=...`` (or ``api_key`` and ``user_id``)."""
-    PlainWebSocketClient(ws).run()
+    The origin and the credentials are checked before the upgrade: a refused connection gets
+    its ``error`` frame and is closed without a byte of its input being read.
+    """
+    refused = _refused_origin()
+    if refused is not None:
+        return refused
+    sid = "ws:" + uuid.uuid4().hex
+    try:
+        connection, first = service.authorize_connection(sid, None, request.args)
+        error = None
+    except ApiError as exc:
+        connection, first, error = None, False, exc
+    finally:
+        db.session.remove()
+    options = current_app.config.get("SOCK_SERVER_OPTIONS", {})
+    try:
+        ws = PlainSocket(request.environ, **options)
+    except BaseException:
+        if connection is not None:
+            service.release_connection(connection)
+        raise
+    if error is not None:
+        try:
+            ws.send(json.dumps({"event": "error", "data": error.to_dict()}))
+        except OSError:
+            pass
+        ws.close()  # and nothing read: the connection ends with this request
+        return _Handled(ws)
+    try:
+        PlainWebSocketClient(ws, connection, first).run()
+    except Exception:
+        current_app.logger.exception("error in /ws/chat")
+    finally:
+        ws.abort()
+    return _Handled(ws)
