@@ -8,6 +8,7 @@ from flask_socketio import ConnectionRefusedError, Namespace, emit, join_room
 
 from app.chat import service
 from app.chat.service import NAMESPACE, Connection
+from app.chat.transport import catching_up
 from app.errors import ApiError
 from app.jsondepth import MAX_JSON_DEPTH, too_deep
 
@@ -67,9 +68,10 @@ class ChatNamespace(Namespace):
         manager.gate(sid)
         join_room(service.chat_room(connection.chat_id))
         events, keep = service.catch_up(connection, first)
-        for event, data in events:
-            emit(event, data)
-        manager.open_gate(sid, NAMESPACE, keep)
+        with catching_up(self.socketio.server, sid, NAMESPACE):
+            for event, data in events:
+                emit(event, data)
+            manager.open_gate(sid, NAMESPACE, keep)
 
     def _renew_leases_in_background(self) -> None:
         # With Redis, a connection counts towards its tenant's limit only while its process

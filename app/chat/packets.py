@@ -266,8 +266,13 @@ def refuse_malformed_input(server: Any, logger: logging.Logger,
                                                                 eio.sleep, max_message)),
                                  *args, **kwargs)
                 if isinstance(getattr(self, "server_args", None), dict):
-                    # simple-websocket (gevent) reads a message of any size unless told
+                    # simple-websocket (gevent) reads a message of any size unless told,
+                    # and reads frames as fast as they come into a list of its own
                     self.server_args["max_message_size"] = max_message
+                    thread_class = self.server_args.get("thread_class")
+                    if thread_class is not None:
+                        self.server_args["thread_class"] = _reader_with_backpressure(
+                            thread_class, eio.sleep)
 
             def __call__(self, environ, start_response):
                 if self._session is not None:
@@ -276,6 +281,33 @@ def refuse_malformed_input(server: Any, logger: logging.Logger,
 
         # this server's own copy of the async driver's table: other servers are unaffected
         eio._async = {**eio._async, "websocket": GuardedWebSocket}
+
+
+#: Frames a simple-websocket reader may hold unread before it stops reading its socket.
+MAX_BUFFERED_FRAMES = 200
+
+
+def _reader_with_backpressure(thread_class: type, sleep: Any) -> Any:
+    """simple-websocket's reader task, made to stop reading while MAX_BUFFERED_FRAMES are
+    waiting for the Engine.IO reader (which the token bucket slows down): the flooder's TCP
+    buffers fill instead of the process's memory and CPU."""
+
+    def start_reader(target: Any, *args: Any, **kwargs: Any) -> Any:
+        ws = getattr(target, "__self__", None)
+        if ws is not None and hasattr(ws, "_handle_events"):
+            handle_events = ws._handle_events
+
+            def handle_events_then_wait() -> bool:
+                keep_going = handle_events()
+                while keep_going and ws.connected \
+                        and len(ws.input_buffer) > MAX_BUFFERED_FRAMES:
+                    sleep(0.01)
+                return keep_going
+
+            ws._handle_events = handle_events_then_wait
+        return thread_class(target, *args, **kwargs)
+
+    return start_reader
 
 
 class _ClosingResponse(list):

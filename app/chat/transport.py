@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import socket as _socket
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 #: Incoming packets one session may send: sustained rate per second, and burst.
 PACKETS_PER_SECOND = 100
@@ -74,13 +75,20 @@ def make_outgoing_queue(queue_class: type, limit: int, on_overflow: Callable) ->
             self.overflowed = False
             self.session: Any = None  # the engineio Socket, set when it is registered
             self.limit = limit
+            # bytes of a joining client's catch-up (bounded by MAX_REPLAY) still unsent: the
+            # limit applies to what comes on top of them
+            self.allowance = 0
+            self.catching_up = False
 
         def put(self, item: Any, *args: Any, **kwargs: Any) -> None:
             if item is not None:
                 if self.overflowed:
                     return  # the session is being dropped: nothing more piles up for it
                 size = packet_size(item)
-                if self.unsent + size > self.limit and self.session is not None:
+                if self.catching_up:
+                    self.allowance += size
+                elif self.unsent - self.allowance + size > self.limit \
+                        and self.session is not None:
                     self.overflowed = True
                     on_overflow(self.session)
                     return
@@ -93,11 +101,12 @@ def make_outgoing_queue(queue_class: type, limit: int, on_overflow: Callable) ->
             if item is not None and not (session is not None and session.upgraded):
                 # long-polling: the packets are now in an HTTP response. (A websocket
                 # writer's packets count until sent: see ``sent``.)
-                self.unsent = max(0, self.unsent - packet_size(item))
+                self.sent(packet_size(item))
             return item
 
         def sent(self, nbytes: int) -> None:
             self.unsent = max(0, self.unsent - nbytes)
+            self.allowance = max(0, self.allowance - nbytes)  # the catch-up is sent first
 
     return OutgoingQueue
 
@@ -221,6 +230,22 @@ class SessionLimits:
                     self.logger.warning("could not note slow client %s", session.sid,
                                         exc_info=True)
         self.end(session.sid, session)
+
+
+@contextmanager
+def catching_up(server: Any, sid: str, namespace: str) -> Iterator[None]:
+    """While a client joining ``namespace`` is sent its catch-up (the missed messages, at
+    most MAX_REPLAY), that burst does not count against MAX_CLIENT_QUEUE."""
+    eio_sid = server.manager.eio_sid_from_sid(sid, namespace)
+    queue = getattr(server.eio.sockets.get(eio_sid), "queue", None)
+    if not hasattr(queue, "catching_up"):
+        yield
+        return
+    queue.catching_up = True
+    try:
+        yield
+    finally:
+        queue.catching_up = False
 
 
 def install_session_limits(server: Any, app: Any) -> SessionLimits:
