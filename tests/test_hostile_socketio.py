@@ -197,6 +197,23 @@ def flood(url: str, tenant, chat: str, frame: str, stop: threading.Event) -> Non
         s.close()
 
 
+def flood_polling(url: str, tenant, chat: str, stop: threading.Event) -> None:
+    """Long-polling POSTs of 100 typing packets each, as fast as they are answered."""
+    sid = polling_session(url)
+    params = {"EIO": "4", "transport": "polling", "sid": sid}
+    auth = json.dumps({"chat_id": chat, "connection_string": tenant.connection_string(chat, "flo")})
+    with requests.Session() as http:
+        http.post(url + "/socket.io/", params=params, data=f"40{NAMESPACE},{auth}", timeout=30)
+        body = "\x1e".join([f'42{NAMESPACE},["typing",{{"is_typing":true}}]'] * 100)
+        while not stop.is_set():
+            try:
+                if http.post(url + "/socket.io/", params=params, data=body,
+                             timeout=30).status_code != 200:
+                    return
+            except requests.RequestException:
+                return
+
+
 def test_a_flood_on_one_connection_does_not_delay_healthz_or_other_chats(rt_server, tenant):
     flooded, other = team_chat(tenant), team_chat(tenant)
     stop = threading.Event()
@@ -208,6 +225,8 @@ def test_a_flood_on_one_connection_does_not_delay_healthz_or_other_chats(rt_serv
                                      "connection_string": tenant.connection_string(other)})
     reader = connect(rt_server.url, {"chat_id": other,
                                      "connection_string": tenant.connection_string(other, "bob")})
+    flooders.append(threading.Thread(target=flood_polling, args=(rt_server.url, tenant, flooded,
+                                                                 stop), daemon=True))
     try:
         for thread in flooders:
             thread.start()

@@ -164,14 +164,18 @@ class SessionLimits:
             self.eio.start_background_task(self.sweep)
 
     def has_joined(self, session: Any) -> bool:
-        """Whether the session is (or was) on /chat; it is then never swept."""
-        if session.joined:
-            return True
+        """Whether the session is on /chat (then it is not swept). One that has left /chat
+        has CONNECT_TIMEOUT seconds from then to join again."""
         from app.chat.events import chat_namespace
 
         sid = self.server.manager.sid_from_eio_sid(session.sid, chat_namespace.namespace)
-        if sid is not None and sid in chat_namespace.connections:
+        if sid is not None and (sid in chat_namespace.connections or session.joined):
+            # (a client joining right now is in the manager before it is in connections)
             session.joined = True
+            return True
+        if session.joined:
+            session.joined = False
+            session.opened_at = time.monotonic()
             return True
         return False
 
