@@ -94,6 +94,8 @@ class _FrameGuard:
             ws.Message = _bounded_message(ws.Message, max_message)
 
     def wait(self) -> Any:
+        if self._session is not None and self._session.closed:
+            return None  # the session is over: what the client still sends is not read
         frame = self._ws.wait()
         if frame is not None and not _is_engineio_packet(frame):
             self._logger.warning("closing a Socket.IO connection that sent a frame that is "
@@ -272,7 +274,7 @@ def refuse_malformed_input(server: Any, logger: logging.Logger,
                     thread_class = self.server_args.get("thread_class")
                     if thread_class is not None:
                         self.server_args["thread_class"] = _reader_with_backpressure(
-                            thread_class, eio.sleep)
+                            thread_class, eio.sleep, session)
 
             def __call__(self, environ, start_response):
                 if self._session is not None:
@@ -287,7 +289,7 @@ def refuse_malformed_input(server: Any, logger: logging.Logger,
 MAX_BUFFERED_FRAMES = 200
 
 
-def _reader_with_backpressure(thread_class: type, sleep: Any) -> Any:
+def _reader_with_backpressure(thread_class: type, sleep: Any, session: Any) -> Any:
     """simple-websocket's reader task, made to stop reading while MAX_BUFFERED_FRAMES are
     waiting for the Engine.IO reader (which the token bucket slows down): the flooder's TCP
     buffers fill instead of the process's memory and CPU."""
@@ -299,7 +301,7 @@ def _reader_with_backpressure(thread_class: type, sleep: Any) -> Any:
 
             def handle_events_then_wait() -> bool:
                 keep_going = handle_events()
-                while keep_going and ws.connected \
+                while keep_going and ws.connected and not getattr(session, "closed", False) \
                         and len(ws.input_buffer) > MAX_BUFFERED_FRAMES:
                     sleep(0.01)
                 return keep_going
