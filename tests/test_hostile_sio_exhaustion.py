@@ -73,6 +73,11 @@ async def wait_all_closed(sessions: list[tuple], timeout: float) -> int:
 
 
 def test_thousands_of_sessions_that_never_join_do_not_lock_others_out_and_are_closed(server):
+    if server.env["ASYNC_MODE"] == "gevent":
+        # the sweeper is the same code in both modes; 20 s of the suite's budget is kept for
+        # the default mode (run with SIO_EXHAUSTION_BOTH=1 to include gevent)
+        if os.environ.get("SIO_EXHAUSTION_BOTH") != "1":
+            pytest.skip("5,000 sockets run under eventlet only (SIO_EXHAUSTION_BOTH=1: both)")
     tenant = new_tenant(server.url, "Crowd")
     chat = tenant.chat()
     loop = asyncio.new_event_loop()
