@@ -49,7 +49,10 @@ def _init_realtime(app: "Flask") -> None:
         http_compression=False,
         serializer=StrictPacket,
     )
-    refuse_malformed_input(socketio.server, app.logger)
+    refuse_malformed_input(socketio.server, app.logger, app.config["CONNECT_TIMEOUT"])
+    from app.chat.transport import install_session_limits
+
+    install_session_limits(socketio.server, app)
     socketio.on_namespace(chat_namespace)
     if not app.config["WS_COMPRESSION"]:
         app.wsgi_app = WithoutWebSocketCompression(app.wsgi_app)

@@ -90,6 +90,7 @@ def end_replies(app: Flask) -> bool:
 def close_connections(app: Flask) -> None:
     """Disconnect this process's clients, and any that still get in, until it exits."""
     from app.chat.events import chat_namespace
+    from app.chat.packets import end_session
     from app.extensions import socketio
 
     with app.app_context():
@@ -107,8 +108,12 @@ def close_connections(app: Flask) -> None:
             except Exception:  # a client that is already gone
                 pass
         # Engine.IO connections in no namespace (a client that left /chat, or never joined)
-        # would hold gunicorn's exit for the whole grace period.
-        socketio.server.eio.disconnect()
+        # would hold gunicorn's exit for the whole grace period. (eio.disconnect() would wait
+        # for each session's queue to drain: for ever if its writer has gone, and this loop
+        # with it; it also replaces the session table that app/chat/transport.py keeps.)
+        eio = socketio.server.eio
+        for eio_sid in list(eio.sockets):
+            end_session(eio, eio_sid)
         if open_websockets is not None and time.monotonic() >= cut_at:
             open_websockets.cut()
         socketio.sleep(0.25)

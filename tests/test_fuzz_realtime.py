@@ -31,7 +31,7 @@ import websocket
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from app.jsondepth import too_deep
+from app.jsondepth import MAX_JSON_DEPTH, too_deep
 from tests.rawsio import NAMESPACE, Closed, RawSocketIO
 from tests.realtime import new_tenant
 
@@ -313,7 +313,10 @@ def test_fuzzed_get_message_string_stop_generation_and_typing_payloads_are_answe
             return
         ack = s.wait_ack(ack_id)
         errors = [e for e in s.events(since=mark) if e[0] == "error"]
-        if event == "get_message_string":
+        if too_deep(args, MAX_JSON_DEPTH + 1):  # any event: validation_error (section 9)
+            assert len(errors) == 1 and errors[0][1]["code"] == "validation_error", errors
+            assert ack == ([] if event == "typing" else [{"ok": False, "error": errors[0][1]}])
+        elif event == "get_message_string":
             assert set(ack[0]) == {"message_string", "expires_at"} and not errors, ack
         elif event == "stop_generation":
             assert ack == [{"ok": True, "stopped": False}] and not errors, ack

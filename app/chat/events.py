@@ -8,7 +8,9 @@ from flask_socketio import ConnectionRefusedError, Namespace, emit, join_room
 
 from app.chat import revocation, service
 from app.chat.service import NAMESPACE, Connection
+from app.chat.transport import catching_up
 from app.errors import ApiError
+from app.jsondepth import MAX_JSON_DEPTH, too_deep
 
 
 
@@ -67,9 +69,10 @@ class ChatNamespace(Namespace):
         revocation.track(connection)
         join_room(service.chat_room(connection.chat_id))
         events, keep = service.catch_up(connection, first)
-        for event, data in events:
-            emit(event, data)
-        manager.open_gate(sid, NAMESPACE, keep)
+        with catching_up(self.socketio.server, sid, NAMESPACE):
+            for event, data in events:
+                emit(event, data)
+            manager.open_gate(sid, NAMESPACE, keep)
 
     def _renew_leases_in_background(self) -> None:
         # With Redis, a connection counts towards its tenant's limit only while its process
@@ -111,6 +114,9 @@ class ChatNamespace(Namespace):
     def trigger_event(self, event: str, *args: Any) -> Any:
         # Flask-SocketIO acks an event it has no handler for with nothing at all; a client
         # that asked for an ack gets a contract error instead, like on /ws/chat.
+        if event in self.CLIENT_EVENTS and too_deep(list(args[1:]), MAX_JSON_DEPTH + 1):
+            # each argument may nest MAX_JSON_DEPTH levels (the list of them adds one)
+            return self.socketio._handle_event(self._too_deep, event, self.namespace, *args)
         if event in self.CLIENT_EVENTS or event in ("connect", "disconnect"):
             return super().trigger_event(event, *args)
         return self.socketio._handle_event(self._unknown_event, event, self.namespace,
@@ -121,6 +127,12 @@ class ChatNamespace(Namespace):
         return self._fail(ApiError(
             "validation_error", f"Unknown event {str(event)[:40]!r}.",
             {"event": ["Must be message, typing, stop_generation or get_message_string."]}))
+
+    def _too_deep(self, *args: Any) -> dict[str, Any] | None:
+        ack = self._fail(ApiError(
+            "validation_error", f"JSON nested deeper than {MAX_JSON_DEPTH} levels.",
+            {"data": [f"Must not nest deeper than {MAX_JSON_DEPTH} levels."]}))
+        return None if request.event["message"] == "typing" else ack  # typing has no ack
 
     def _connection(self) -> Connection:
         connection = self.connections.get(request.sid)

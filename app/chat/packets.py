@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -78,22 +79,61 @@ def _is_engineio_packet(frame: Any) -> bool:
 class _FrameGuard:
     """A server websocket whose ``wait`` ends the connection on a frame that is not an
     Engine.IO packet (as if the client had closed it), instead of raising out of the
-    Engine.IO receive loop."""
+    Engine.IO receive loop; throttles the frames one session may send (back-pressure: past
+    its token bucket the reader waits, and the client's TCP buffers fill); and counts what
+    the Engine.IO writer sends against the session's unsent bytes (app/chat/transport.py)."""
 
-    def __init__(self, ws: Any, logger: logging.Logger):
+    def __init__(self, ws: Any, logger: logging.Logger, session: Any = None,
+                 sleep: Any = None, max_message: int | None = None):
         self._ws = ws
         self._logger = logger
+        self._session = session
+        self._sleep = sleep
+        if max_message and isinstance(getattr(ws, "Message", None), type):
+            # eventlet bounds each frame, not a message made of many fragments
+            ws.Message = _bounded_message(ws.Message, max_message)
 
     def wait(self) -> Any:
+        if self._session is not None and self._session.closed:
+            return None  # the session is over: what the client still sends is not read
         frame = self._ws.wait()
         if frame is not None and not _is_engineio_packet(frame):
             self._logger.warning("closing a Socket.IO connection that sent a frame that is "
                                  "not an Engine.IO packet")
             return None
+        bucket = getattr(self._session, "inbound", None)
+        if frame is not None and bucket is not None and self._sleep is not None:
+            delay = bucket.take(1)
+            if delay > 0:
+                self._sleep(delay)
         return frame
+
+    def send(self, data: Any) -> Any:
+        try:
+            return self._ws.send(data)
+        finally:
+            sent = getattr(getattr(self._session, "queue", None), "sent", None)
+            if sent is not None:
+                sent(len(data) + (1 if isinstance(data, bytes) else 0))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ws, name)
+
+
+def _bounded_message(message_class: type, limit: int) -> type:
+    """eventlet's websocket message, failing the connection (1009) past ``limit`` bytes."""
+    from eventlet.websocket import FailedConnectionError
+
+    class BoundedMessage(message_class):
+        size = 0
+
+        def push(self, data: bytes, final: bool = False) -> None:
+            self.size += len(data)
+            if self.size > limit:
+                raise FailedConnectionError(1009, f"Incoming message is above {limit} bytes.")
+            super().push(data, final)
+
+    return BoundedMessage
 
 
 def _forget_session(server: Any, eio_sid: str) -> None:
@@ -119,7 +159,8 @@ def end_session(eio: Any, eio_sid: str) -> None:
         socket.close(wait=False, reason=eio.reason.SERVER_DISCONNECT)
 
 
-def refuse_malformed_input(server: Any, logger: logging.Logger) -> None:
+def refuse_malformed_input(server: Any, logger: logging.Logger,
+                           body_timeout: float = 10) -> None:
     """Close, with one warning, connections that send malformed packets to ``server``
     (a socketio.Server created with ``serializer=StrictPacket``)."""
     eio = server.eio
@@ -153,42 +194,164 @@ def refuse_malformed_input(server: Any, logger: logging.Logger) -> None:
 
     # A long-polling POST whose body is not an Engine.IO payload (invalid UTF-8, a packet
     # that is not one, JSON nested too deeply) is logged by python-engineio with a traceback
-    # and answered "ok"; it is refused here, and its session closed, like a bad frame.
+    # and answered "ok"; it is refused here, and its session closed, like a bad frame. So is
+    # a body over max_http_buffer_size (python-engineio then waited for ever for a GET to
+    # fetch the close packet, holding the POST, its descriptor and the process's shutdown),
+    # and one that does not arrive within ``body_timeout`` seconds.
     handle_request = eio.handle_request
 
+    def refuse(sid: str | None, status: str, why: str, environ: dict,
+               start_response: Any) -> Any:
+        logger.warning("closing a Socket.IO connection that sent %s", why)
+        if sid in eio.sockets:
+            end_session(eio, sid)
+        start_response(status, [("Content-Type", "text/plain"), ("Connection", "close")])
+        return _ClosingResponse([status.split(" ", 1)[1].title().encode()],
+                                environ.get("gunicorn.socket"))
+
     def guarded_handle_request(environ: dict, start_response: Any) -> Any:
-        if environ.get("REQUEST_METHOD") == "POST":
-            sid = (parse_qs(environ.get("QUERY_STRING", "")).get("sid") or [None])[0]
-            if sid in eio.sockets:
-                try:
-                    length = int(environ.get("CONTENT_LENGTH") or 0)
-                except ValueError:
-                    length = -1
-                if 0 <= length <= eio.max_http_buffer_size:
-                    body = environ["wsgi.input"].read(length)
-                    environ["wsgi.input"] = io.BytesIO(body)
-                    try:
-                        decoded = eio_payload.Payload(encoded_payload=body.decode("utf-8"))
-                        if any(p.packet_type not in _CLIENT_EIO_PACKET_TYPES
-                               for p in decoded.packets):
-                            # python-engineio would disconnect the session and wait for a
-                            # GET to fetch the close packet, holding this POST open
-                            raise ValueError("not an Engine.IO packet a client sends")
-                    except (ValueError, TypeError, RecursionError) as exc:
-                        logger.warning("closing a Socket.IO connection that sent a malformed "
-                                       "long-polling payload (%s)", type(exc).__name__)
-                        end_session(eio, sid)
-                        start_response("400 BAD REQUEST", [("Content-Type", "text/plain")])
-                        return [b"Bad Request"]
+        if environ.get("REQUEST_METHOD") != "POST":
+            return handle_request(environ, start_response)
+        sid = (parse_qs(environ.get("QUERY_STRING", "")).get("sid") or [None])[0]
+        session = eio.sockets.get(sid) if sid is not None else None
+        if environ.get("HTTP_TRANSFER_ENCODING"):
+            return refuse(sid, "411 LENGTH REQUIRED", "a long-polling body without a length",
+                          environ, start_response)
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        if length > eio.max_http_buffer_size:
+            return refuse(sid, "413 PAYLOAD TOO LARGE",
+                          f"a long-polling body of {length} bytes (over "
+                          f"{eio.max_http_buffer_size})", environ, start_response)
+        if session is None or length < 0:
+            # python-engineio answers 400 without reading the body: end the connection
+            # after it, so that nobody waits for the body's end
+            response = handle_request(environ, start_response)
+            return _ClosingResponse(response, environ.get("gunicorn.socket"))
+        body = _read_with_timeout(eio, environ["wsgi.input"], length, body_timeout)
+        if body is None or len(body) < length:
+            return refuse(sid, "408 REQUEST TIMEOUT",
+                          f"a long-polling body that did not arrive within {body_timeout} s",
+                          environ, start_response)
+        environ["wsgi.input"] = io.BytesIO(body)
+        try:
+            decoded = eio_payload.Payload(encoded_payload=body.decode("utf-8"))
+            if any(p.packet_type not in _CLIENT_EIO_PACKET_TYPES for p in decoded.packets):
+                # python-engineio would disconnect the session and wait for a GET to fetch
+                # the close packet, holding this POST open
+                raise ValueError("not an Engine.IO packet a client sends")
+        except (ValueError, TypeError, RecursionError) as exc:
+            return refuse(sid, "400 BAD REQUEST",
+                          f"a malformed long-polling payload ({type(exc).__name__})",
+                          environ, start_response)
+        bucket = getattr(session, "inbound", None)
+        if bucket is not None:
+            delay = bucket.take(len(decoded.packets))
+            if delay > 0:  # a flood: answer this POST (and so take the next) later
+                eio.sleep(delay)
         return handle_request(environ, start_response)
 
     eio.handle_request = guarded_handle_request
 
     websocket_class = eio._async.get("websocket")
     if websocket_class is not None:
+        max_message = int(eio.max_http_buffer_size)
+
         class GuardedWebSocket(websocket_class):
             def __init__(self, handler, *args, **kwargs):
-                super().__init__(lambda ws: handler(_FrameGuard(ws, logger)), *args, **kwargs)
+                # the handler is the bound method of the Engine.IO session it serves
+                self._session = getattr(handler, "__self__", None)
+                session = self._session
+                super().__init__(lambda ws: handler(_FrameGuard(ws, logger, session,
+                                                                eio.sleep, max_message)),
+                                 *args, **kwargs)
+                if isinstance(getattr(self, "server_args", None), dict):
+                    # simple-websocket (gevent) reads a message of any size unless told,
+                    # and reads frames as fast as they come into a list of its own
+                    self.server_args["max_message_size"] = max_message
+                    thread_class = self.server_args.get("thread_class")
+                    if thread_class is not None:
+                        self.server_args["thread_class"] = _reader_with_backpressure(
+                            thread_class, eio.sleep, session)
+
+            def __call__(self, environ, start_response):
+                if self._session is not None:
+                    self._session.tcp = environ.get("gunicorn.socket")
+                return super().__call__(environ, start_response)
 
         # this server's own copy of the async driver's table: other servers are unaffected
         eio._async = {**eio._async, "websocket": GuardedWebSocket}
+
+
+#: Frames a simple-websocket reader may hold unread before it stops reading its socket.
+MAX_BUFFERED_FRAMES = 200
+
+
+def _reader_with_backpressure(thread_class: type, sleep: Any, session: Any) -> Any:
+    """simple-websocket's reader task, made to stop reading while MAX_BUFFERED_FRAMES are
+    waiting for the Engine.IO reader (which the token bucket slows down): the flooder's TCP
+    buffers fill instead of the process's memory and CPU."""
+
+    def start_reader(target: Any, *args: Any, **kwargs: Any) -> Any:
+        ws = getattr(target, "__self__", None)
+        if ws is not None and hasattr(ws, "_handle_events"):
+            handle_events = ws._handle_events
+
+            def handle_events_then_wait() -> bool:
+                keep_going = handle_events()
+                while keep_going and ws.connected and not getattr(session, "closed", False) \
+                        and len(ws.input_buffer) > MAX_BUFFERED_FRAMES:
+                    sleep(0.01)
+                return keep_going
+
+            ws._handle_events = handle_events_then_wait
+        return thread_class(target, *args, **kwargs)
+
+    return start_reader
+
+
+class _ClosingResponse(list):
+    """A response body after which the server's side of the TCP connection is shut: the
+    client sees the end of the connection and nothing waits for the rest of its request."""
+
+    def __init__(self, body: Any, sock: Any):
+        super().__init__(body)
+        self._sock = sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+def _read_with_timeout(eio: Any, stream: Any, length: int, seconds: float) -> bytes | None:
+    """``stream.read(length)``, or None when it takes longer than ``seconds``."""
+    if eio.async_mode == "eventlet":
+        from eventlet.timeout import Timeout as EventletTimeout
+
+        timer = EventletTimeout(seconds)
+        try:
+            return stream.read(length)
+        except EventletTimeout as exc:
+            if exc is not timer:
+                raise
+            return None
+        finally:
+            timer.cancel()
+    if eio.async_mode == "gevent":
+        import gevent
+
+        timer = gevent.Timeout.start_new(seconds)
+        try:
+            return stream.read(length)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            return None
+        finally:
+            timer.close()
+    return stream.read(length)
