@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ADMIN_TOKEN, ROOT, free_port
+from tests.conftest import ADMIN_TOKEN, ROOT, free_port, stop_server
 from tests.test_realtime_node import NODE_DIR, node_client  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
@@ -124,12 +123,7 @@ def reader(tmp_path_factory, node_client):  # noqa: F811
                     "DOCS_PORT": str(port)})
         yield env
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_server(process)
         if saved is None:
             DEMO_KEY_FILE.unlink(missing_ok=True)
         else:

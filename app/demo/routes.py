@@ -187,28 +187,28 @@ def _demo_workspace() -> tuple[Tenant, Workspace]:
 
 def _chat_for(tenant: Tenant, workspace: Workspace, user_id: str, name: str) -> Chat:
     """The person's chat in the demo workspace (found by its metadata), created on first use."""
-    chat = db.session.execute(
-        select(Chat).where(Chat.workspace_id == workspace.id,
-                           Chat.meta["demo_user"].as_string() == user_id)
-        .order_by(Chat.created_at, Chat.id).limit(1)).scalars().first()
-    if chat is not None:
-        return chat
-    return create_chat(tenant, DEMO_OWNER_ID, workspace.id, title=f"Demo chat with {name}",
-                       metadata={"demo_user": user_id, "name": name})
+    return _chat_by_metadata(tenant, workspace, "demo_user", user_id,
+                             title=f"Demo chat with {name}", extra={"name": name})
 
 
 def _room_chat(tenant: Tenant, workspace: Workspace, room: str) -> Chat:
     """The room's chat in the demo workspace (found by its metadata: the room name without
     case), created by whoever names the room first."""
-    key = room.casefold()
+    return _chat_by_metadata(tenant, workspace, "demo_room", room.casefold(),
+                             title=f"Demo room {room}", extra={"room": room})
+
+
+def _chat_by_metadata(tenant: Tenant, workspace: Workspace, field: str, value: str,
+                      title: str, extra: dict[str, str]) -> Chat:
+    """The oldest demo chat whose metadata has ``field == value``, created if there is none."""
     chat = db.session.execute(
         select(Chat).where(Chat.workspace_id == workspace.id,
-                           Chat.meta["demo_room"].as_string() == key)
+                           Chat.meta[field].as_string() == value)
         .order_by(Chat.created_at, Chat.id).limit(1)).scalars().first()
     if chat is not None:
         return chat
-    return create_chat(tenant, DEMO_OWNER_ID, workspace.id, title=f"Demo room {room}",
-                       metadata={"demo_room": key, "room": room})
+    return create_chat(tenant, DEMO_OWNER_ID, workspace.id, title=title,
+                       metadata={field: value, **extra})
 
 
 def _remember_name(chat: Chat, user_id: str, name: str) -> dict[str, str]:
