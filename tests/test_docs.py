@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from tests.conftest import ADMIN_TOKEN, ROOT, free_port, stop_server
-from tests.test_realtime_node import NODE_DIR, node_client  # noqa: F401 (fixture)
+from tests.test_js_client import PACKAGE as JS_PACKAGE, run_js  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +76,7 @@ def test_every_runnable_block_is_run_or_says_why_not():
 
 
 @pytest.fixture(scope="module")
-def reader(tmp_path_factory, node_client):  # noqa: F811
+def reader(tmp_path_factory, run_js):  # noqa: F811
     """``make run`` as the README says, and what a reader of the docs has at hand."""
     tmp = tmp_path_factory.mktemp("docs")
     saved = DEMO_KEY_FILE.read_bytes() if DEMO_KEY_FILE.exists() else None
@@ -158,7 +158,9 @@ def test_the_documented_command_runs(block, reader, tmp_path):
     elif block.lang == "python":
         command = [str(ROOT / ".venv" / "bin" / "python"), "-c", PY_PRELUDE + code]
     else:
-        script = NODE_DIR / f".doc-{os.getpid()}-{block.line}.mjs"
+        # inside the package: `import ... from "workspace-chat-client"` resolves to it (a
+        # package may import itself by name), and socket.io-client is its dependency
+        script = JS_PACKAGE / f".doc-{os.getpid()}-{block.line}.mjs"
         imports = "".join(line + "\n" for line in code.splitlines() if line.startswith("import "))
         rest = "\n".join(line for line in code.splitlines() if not line.startswith("import "))
         script.write_text(imports + JS_PRELUDE + rest)
