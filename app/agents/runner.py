@@ -1,8 +1,8 @@
 """The agent runner: one background task per reply, owning everything but the tokens.
 
 It stores the reply as a ``role: agent`` message when the stream starts (so its id is real),
-emits ``message_stream_started`` / ``message_stream_token`` (index from 0, no gaps) /
-``message_stream_ended``, keeps the progress in the shared state for clients that join
+emits ``message_stream_started`` / ``message_stream_token`` (index from 0, no gaps; at most
+one per ``STREAM_FLUSH_MS``, tokens that come meanwhile joined) / ``message_stream_ended``, keeps the progress in the shared state for clients that join
 mid-stream, honours ``stop_generation`` (``cancelled``) and ``AGENT_TIMEOUT`` (``timeout``),
 reports failures (``error`` plus an ``agent_error`` event) and always stores what arrived.
 The agent itself runs in a task of its own and hands tokens over through a queue, so that a
