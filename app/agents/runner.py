@@ -3,8 +3,9 @@
 It stores the reply as a ``role: agent`` message when the stream starts (so its id is real),
 emits ``message_stream_started`` / ``message_stream_token`` (index from 0, no gaps; at most
 one per ``STREAM_FLUSH_MS``, tokens that come meanwhile joined) / ``message_stream_ended``,
-keeps the progress in the shared state for clients that join mid-stream, honours ``stop_generation`` (``cancelled``) and ``AGENT_TIMEOUT`` (``timeout``),
-reports failures (``error`` plus an ``agent_error`` event) and always stores what arrived.
+keeps the progress in the shared state for clients that join mid-stream, honours
+``stop_generation`` (``cancelled``) and ``AGENT_TIMEOUT`` (``timeout``), reports failures
+(``error`` plus an ``agent_error`` event) and always stores what arrived.
 The agent itself runs in a task of its own and hands tokens over through a queue, so that a
 stalled agent can neither hold the chat busy past the timeout nor delay a stop.
 """
