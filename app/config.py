@@ -66,6 +66,10 @@ def from_env(env: Mapping[str, str], instance_path: str) -> dict[str, Any]:
     if demo and production:
         raise RuntimeError("DEMO=1 is refused when APP_ENV=production: the demo page hands "
                            "anyone who types a name a seat in the demo tenant. Unset DEMO.")
+    stream_flush_ms = _int(env, "STREAM_FLUSH_MS", 20)
+    if stream_flush_ms < 0:
+        raise RuntimeError(f"STREAM_FLUSH_MS must be 0 or more (milliseconds; 0 sends every "
+                           f"token as its own event), got {stream_flush_ms}")
     async_mode = env.get("ASYNC_MODE", "eventlet").strip().lower()
     if async_mode not in ("eventlet", "gevent", "threading"):
         raise RuntimeError("ASYNC_MODE must be 'eventlet' or 'gevent'")
@@ -81,6 +85,7 @@ def from_env(env: Mapping[str, str], instance_path: str) -> dict[str, Any]:
         "CONNECTION_STRING_TTL": _int(env, "CONNECTION_STRING_TTL", 300),
         "MESSAGE_STRING_TTL": _int(env, "MESSAGE_STRING_TTL", 60),
         "AGENT_TIMEOUT": _int(env, "AGENT_TIMEOUT", 60),
+        "STREAM_FLUSH_MS": stream_flush_ms,
         "RATE_LIMIT_REST": env.get("RATE_LIMIT_REST") or "100/minute",
         "RATE_LIMIT_MESSAGES": env.get("RATE_LIMIT_MESSAGES") or "10/second",
         "MAX_CONNECTIONS_PER_TENANT": _int(env, "MAX_CONNECTIONS_PER_TENANT", 50),

@@ -27,7 +27,10 @@ pytestmark = pytest.mark.e2e
 AGENT_TIMEOUT = 5.0
 SERVER_ENV = {"RATE_LIMIT_MESSAGES": "1000/second", "AGENT_TIMEOUT": f"{AGENT_TIMEOUT:g}",
               # the model server and webhook here listen on loopback
-              "PYTHON_AGENTS": agents.ALLOWED, "AGENT_ALLOW_PRIVATE_NETWORKS": "1"}
+              "PYTHON_AGENTS": agents.ALLOWED, "AGENT_ALLOW_PRIVATE_NETWORKS": "1",
+              # per-token checks (exact token lists, mid-stream joins token by token): one
+              # event per token; the joined events are tests/test_stream_flush.py's subject
+              "STREAM_FLUSH_MS": "0"}
 #: Long streams below last at most 2.5 s, well within AGENT_TIMEOUT.
 WAIT = 15.0
 

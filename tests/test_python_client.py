@@ -258,7 +258,9 @@ def test_streamed_reply_through_callbacks_and_iterators_equals_the_stored_messag
         started = seen.named("stream_start")[0]
         assert started["message_id"] == stored[0]["id"] and started["reply_to"] == sent.id
         tokens = seen.named("token")
-        assert [t["index"] for t in tokens] == list(range(30))
+        # STREAM_FLUSH_MS may join tokens that come within 20 ms: gap-free, not one per token
+        assert 1 <= len(tokens) <= 30
+        assert [t["index"] for t in tokens] == list(range(len(tokens)))
         assert "".join(t["token"] for t in tokens) == content
         # the agent's reply counts as seen once it has ended
         assert ann.last_message_id == stored[0]["id"]

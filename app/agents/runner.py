@@ -1,10 +1,11 @@
 """The agent runner: one background task per reply, owning everything but the tokens.
 
 It stores the reply as a ``role: agent`` message when the stream starts (so its id is real),
-emits ``message_stream_started`` / ``message_stream_token`` (index from 0, no gaps) /
-``message_stream_ended``, keeps the progress in the shared state for clients that join
-mid-stream, honours ``stop_generation`` (``cancelled``) and ``AGENT_TIMEOUT`` (``timeout``),
-reports failures (``error`` plus an ``agent_error`` event) and always stores what arrived.
+emits ``message_stream_started`` / ``message_stream_token`` (index from 0, no gaps; at most
+one per ``STREAM_FLUSH_MS``, tokens that come meanwhile joined) / ``message_stream_ended``,
+keeps the progress in the shared state for clients that join mid-stream, honours
+``stop_generation`` (``cancelled``) and ``AGENT_TIMEOUT`` (``timeout``), reports failures
+(``error`` plus an ``agent_error`` event) and always stores what arrived.
 The agent itself runs in a task of its own and hands tokens over through a queue, so that a
 stalled agent can neither hold the chat busy past the timeout nor delay a stop.
 """
@@ -113,6 +114,7 @@ class Reply:
         self.state = app.extensions["chat_state"]
         self.timeout = float(app.config["AGENT_TIMEOUT"])
         self.tokens: list[str] = []
+        self.events = 0  # message_stream_token events sent (their next index)
         self.interrupted: list[int] = []  # replies before this one left unended by a crash
         self.shutting_down = False
 
@@ -221,30 +223,68 @@ class Reply:
                         pass
 
         socketio.start_background_task(produce)
+        try:
+            return self._relay(queue, eio.get_queue_empty_exception(), message_id)
+        finally:
+            stop.set()
+
+    def _relay(self, queue, empty: type[BaseException],
+               message_id: str) -> tuple[str, str | None]:
+        """Pass the agent's tokens on as events until it ends, fails, is stopped or times out.
+
+        With ``STREAM_FLUSH_MS`` (the window) above 0, at most one event goes out per window:
+        a token that comes after a quiet window goes out at once, tokens that come within the
+        window after the last event are held and go out joined as one event when it closes,
+        and held text goes out before the reply ends, whatever ends it.
+        """
+        job = self.job
+        window = self.app.config.get("STREAM_FLUSH_MS", 20) / 1000.0
+        held: list[str] = []
+        last_event = float("-inf")  # when the last token event went out
         deadline = time.monotonic() + self.timeout
+
+        def flush() -> None:
+            nonlocal last_event
+            if not held:
+                return
+            text = "".join(held)
+            held.clear()
+            # Progress first, then the event: a client joining in between reads a progress
+            # that already holds this event and drops the event by its index.
+            self.state.stream_append(job.chat_id, message_id, text)
+            self._emit("message_stream_token", {"message_id": message_id,
+                                                "chat_id": job.chat_id,
+                                                "token": text, "index": self.events})
+            self.events += 1
+            last_event = time.monotonic()
+
         try:
             while True:
                 if self.shutting_down or self.state.stop_requested(job.chat_id, job.owner):
                     return "cancelled", None
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     return "timeout", f"The agent did not finish within {self.timeout:g} s."
+                wait = min(remaining, STOP_POLL)
+                if held:
+                    closes = last_event + window - now
+                    if closes <= 0:
+                        flush()
+                        continue
+                    wait = min(wait, closes)
                 try:
-                    kind, value = queue.get(timeout=min(remaining, STOP_POLL))
-                except eio.get_queue_empty_exception():
+                    kind, value = queue.get(timeout=wait)
+                except empty:
                     continue
                 if kind == "done":
                     return "stop", None
                 if kind == "error":
                     return "error", value
                 if isinstance(value, str) and value:
-                    index = len(self.tokens)
                     self.tokens.append(value)
-                    # Progress first, then the event: a client joining in between reads a
-                    # progress that already holds this token and drops the event by its index.
-                    self.state.stream_append(job.chat_id, message_id, value)
-                    self._emit("message_stream_token", {"message_id": message_id,
-                                                        "chat_id": job.chat_id,
-                                                        "token": value, "index": index})
+                    held.append(value)
+                    if time.monotonic() - last_event >= window:
+                        flush()  # a quiet window (or none at all): out at once
         finally:
-            stop.set()
+            flush()
