@@ -95,7 +95,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> "Flask":
     os.makedirs(app.instance_path, exist_ok=True)
     configure_logging(app)
 
-    from app.extensions import api, db, limiter, migrate, socketio
+    from app.extensions import api, db, limiter, migrate
     from app.errors import register_error_handlers
     from app.metrics import Metrics
     from app.schemas import ErrorSchema

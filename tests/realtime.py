@@ -1,13 +1,16 @@
 """Helpers for end-to-end tests of the real-time side against a live server process."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import requests
 import socketio
+import websocket
 from engineio.payload import Payload
 
 from workspace_chat_client.client import OrderedSocketIOClient
@@ -149,3 +152,32 @@ def refusal_code(client: ChatClient) -> str | None:
     if error is None:
         return None
     return (error.get("data") or {}).get("code")
+
+
+class PlainClient:
+    """A websocket-client connection that reads JSON frames with bounded waits."""
+
+    def __init__(self, server, **params):
+        url = server.url.replace("http://", "ws://") + "/ws/chat?" + urlencode(params)
+        self.ws = websocket.create_connection(url, timeout=10)
+        self.frames: list[dict] = []
+
+    def next(self) -> dict:
+        raw = self.ws.recv()
+        if raw == "":  # websocket-client's answer to a close frame
+            raise websocket.WebSocketConnectionClosedException("closed by the server")
+        frame = json.loads(raw)
+        self.frames.append(frame)
+        return frame
+
+    def until(self, event: str, count: int = 1) -> list[dict]:
+        """Read frames until ``count`` frames named ``event`` arrived; return their data."""
+        while sum(1 for f in self.frames if f["event"] == event) < count:
+            self.next()
+        return [f["data"] for f in self.frames if f["event"] == event]
+
+    def send(self, frame) -> None:
+        self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    def close(self) -> None:
+        self.ws.close()

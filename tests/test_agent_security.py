@@ -13,19 +13,13 @@ unit tests. tests/test_agent_secrets.py covers the opt-in, redirects and secrets
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import pathlib
 import shutil
 import tempfile
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 import requests
-import sqlalchemy
 
 from app.agents import net
 from tests.agent_helpers import (Listener, ask, ask_once, join, loopback_names,

@@ -13,7 +13,6 @@ elided with ``...`` or ``…`` stands for "the value printed above" and is not r
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

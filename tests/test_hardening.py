@@ -19,7 +19,7 @@ import requests
 import websocket
 
 from tests.conftest import ADMIN_TOKEN, ROOT, assert_error, procfile_command, server_env
-from tests.realtime import connect, new_tenant
+from tests.realtime import PlainClient, connect, new_tenant
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # get_message_string's window is RATE_LIMIT_MESSAGES per connection; per minute here, so that
@@ -180,34 +180,6 @@ def test_a_missing_swagger_ui_is_a_clear_404(client, monkeypatch, tmp_path):
 
 
 # --- the real server: floods, logs, deep JSON, demo, Procfile ----------------------------------
-
-class PlainClient:
-    """A /ws/chat connection reading JSON frames with bounded waits."""
-
-    def __init__(self, server, **params):
-        url = server.url.replace("http://", "ws://") + "/ws/chat?" + urlencode(params)
-        self.ws = websocket.create_connection(url, timeout=10)
-        self.frames: list[dict] = []
-
-    def next(self) -> dict:
-        raw = self.ws.recv()
-        if raw == "":
-            raise websocket.WebSocketConnectionClosedException("closed by the server")
-        frame = json.loads(raw)
-        self.frames.append(frame)
-        return frame
-
-    def until(self, event: str, count: int = 1) -> list[dict]:
-        while sum(1 for f in self.frames if f["event"] == event) < count:
-            self.next()
-        return [f["data"] for f in self.frames if f["event"] == event]
-
-    def send(self, frame) -> None:
-        self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
-
-    def close(self) -> None:
-        self.ws.close()
-
 
 @pytest.mark.parametrize("sender_kind", ["socketio", "plain"])
 def test_a_typing_flood_is_relayed_at_most_twice_a_second(rt_server, sender_kind):

@@ -7,7 +7,6 @@ import asyncio
 import os
 import resource
 import signal
-import socket
 import time
 from urllib.parse import urlparse
 

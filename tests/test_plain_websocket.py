@@ -1,43 +1,12 @@
 """/ws/chat end to end with websocket-client, beside Socket.IO clients in the same chats."""
-import json
-from urllib.parse import urlencode
 
 import pytest
 import requests
 import websocket
 
-from tests.realtime import connect, new_tenant
+from tests.realtime import PlainClient, connect, new_tenant
 
 pytestmark = pytest.mark.e2e
-
-
-class PlainClient:
-    """A websocket-client connection that reads JSON frames with bounded waits."""
-
-    def __init__(self, server, **params):
-        url = server.url.replace("http://", "ws://") + "/ws/chat?" + urlencode(params)
-        self.ws = websocket.create_connection(url, timeout=10)
-        self.frames: list[dict] = []
-
-    def next(self) -> dict:
-        raw = self.ws.recv()
-        if raw == "":  # websocket-client's answer to a close frame
-            raise websocket.WebSocketConnectionClosedException("closed by the server")
-        frame = json.loads(raw)
-        self.frames.append(frame)
-        return frame
-
-    def until(self, event: str, count: int = 1) -> list[dict]:
-        """Read frames until ``count`` frames named ``event`` arrived; return their data."""
-        while sum(1 for f in self.frames if f["event"] == event) < count:
-            self.next()
-        return [f["data"] for f in self.frames if f["event"] == event]
-
-    def send(self, frame) -> None:
-        self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
-
-    def close(self) -> None:
-        self.ws.close()
 
 
 def test_quick_start_with_api_key_in_the_url_and_content_frames(rt_server):
