@@ -29,7 +29,7 @@ BOUND = 20
 
 #: This module's own Redis database (flushed when its servers start); the server names its
 #: pub/sub channel after it.
-REDIS_URL = "redis://127.0.0.1:6379/5"
+REDIS_URL = "redis://127.0.0.1:6379/12"  # the suite uses databases 10-13 (README)
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
