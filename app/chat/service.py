@@ -97,9 +97,7 @@ def delete_chat(chat: Chat) -> None:
     chat_id = chat.id
     db.session.delete(chat)
     db.session.commit()
-    socketio.emit("chat_deleted", {"chat_id": chat_id}, to=chat_room(chat_id),
-                  namespace=NAMESPACE)
-    socketio.server.manager.disconnect_room(NAMESPACE, chat_room(chat_id))
+    revocation.close_chats([chat_id])
 
 
 def connection_string_for(tenant: Tenant, chat: Chat, user_id: str) -> dict[str, str]:
@@ -258,8 +256,7 @@ def _mark_first_connection(user: User) -> bool:
 def release_connection(connection: Connection) -> None:
     """Stop counting a connection that has ended."""
     _state().release_connection(connection.tenant_id, connection.sid)
-    _message_rate().forget(connection.sid)
-    for name in ("message_string", "typing"):  # the windows of get_message_string, typing
+    for name in ("message", "message_string", "typing"):  # its per-connection windows
         rate = current_app.extensions.get(f"chat_{name}_rate")
         if rate is not None:
             rate.forget(connection.sid)
@@ -380,11 +377,7 @@ def _connection_rate(name: str, limit_setting: str | None = None,
 
 
 def _message_rate() -> MessageRate:
-    rate = current_app.extensions.get("chat_message_rate")
-    if rate is None:
-        rate = current_app.extensions["chat_message_rate"] = MessageRate(
-            current_app.config["RATE_LIMIT_MESSAGES"])
-    return rate
+    return _connection_rate("message", "RATE_LIMIT_MESSAGES")
 
 
 def _validate_message(payload: Any) -> tuple[str, str | None]:
