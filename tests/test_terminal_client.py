@@ -131,6 +131,20 @@ def test_a_typed_line_gets_the_echo_agents_streamed_reply_and_ctrl_d_leaves(live
     assert "Bye." in term.screen
 
 
+def test_piped_lines_are_answered_before_it_leaves(live_server):
+    # `echo hello | workspace-chat ...` (the README's quick start): each reply is shown whole,
+    # on its own line, before "Bye." and nothing after it
+    tenant = new_tenant(live_server.url)
+    chat_id = tenant.chat("ann", tenant.workspace("ann", agent={"kind": "echo",
+                                                                   "delay_ms": 5}))
+    run = subprocess.run([str(SCRIPT), *args(live_server, tenant, "ann", "--chat", chat_id)],
+                         input="hello there world\nsecond line\n", capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[1:] == ["agent: hello there world", "agent: second line",
+                                           "Bye."], run.stdout
+
+
 def test_a_new_chat_is_created_and_messages_of_others_show(live_server, terminals):
     tenant = new_tenant(live_server.url)
     ws = tenant.workspace("ann", members=("bob",))

@@ -43,7 +43,7 @@ class Screen:
     def __init__(self, out: TextIO, err: TextIO):
         self.out = out
         self.err = err
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.open_stream: Optional[str] = None   # the reply whose line is being written
         self.printed: dict[str, str] = {}         # reply id -> the text printed of it
 
@@ -91,6 +91,12 @@ class Screen:
             self._write(self.out, "\n")
             self.open_stream = None
             self.printed.pop(message_id, None)
+            self.lock.notify_all()
+
+    def wait_streams_ended(self, timeout: float) -> bool:
+        """Wait until every reply this screen printed a part of has been ended on it."""
+        with self.lock:
+            return self.lock.wait_for(lambda: not self.printed, timeout)
 
 
 class TerminalChat:
@@ -207,7 +213,9 @@ class TerminalChat:
                 if not _interactive(stdin):
                     # piped input (`echo hello | workspace-chat ...`): the reply to the last
                     # line is what the caller is waiting for, so it is shown before leaving
-                    self.client.wait_idle()
+                    # (and its line ended on the screen: callbacks run in their own thread)
+                    if self.client.wait_idle():
+                        self.screen.wait_streams_ended(self.client.timeout)
                 return EXIT_OK
             if kind == "closed":
                 return EXIT_ERROR
