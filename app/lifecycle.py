@@ -90,6 +90,7 @@ def end_replies(app: Flask) -> bool:
 def close_connections(app: Flask) -> None:
     """Disconnect this process's clients, and any that still get in, until it exits."""
     from app.chat.events import chat_namespace
+    from app.chat.rooms import NAMESPACE
     from app.chat.packets import end_session
     from app.extensions import socketio
 
@@ -104,7 +105,7 @@ def close_connections(app: Flask) -> None:
         socketio.server.manager.close_all_listeners()  # /ws/chat clients
         for sid in list(chat_namespace.connections):
             try:
-                socketio.server.disconnect(sid, namespace="/chat")
+                socketio.server.disconnect(sid, namespace=NAMESPACE)
             except Exception:  # a client that is already gone
                 pass
         # Engine.IO connections in no namespace (a client that left /chat, or never joined)

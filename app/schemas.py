@@ -255,16 +255,17 @@ class ConnectionStringSchema(Schema):
 
 @always_present
 class MessageSchema(Schema):
+    """The contract's message object. It is built once, by app.chat.serialize.message_object
+    (for live events, replay, acks and REST alike); this schema documents it."""
+
     id = fields.String()
     chat_id = fields.String()
     role = fields.String(metadata={"enum": ["user", "agent", "system"]})
-    user_id = fields.Function(lambda m: m.user.external_id if m.user is not None else None,
-                              metadata={"type": "string", "nullable": True})
+    user_id = fields.String(allow_none=True)
     content = fields.String()
     client_message_id = fields.String(allow_none=True)
-    reply_to = fields.Function(lambda m: str(m.reply_to) if m.reply_to is not None else None,
-                               metadata={"type": "string", "nullable": True})
-    created_at = UtcDateTime()
+    reply_to = fields.String(allow_none=True)
+    created_at = fields.String(metadata={"format": "date-time"})
 
 
 def _at_most(bound: str) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 from flask import current_app
 from itsdangerous import BadSignature, URLSafeSerializer
 
+from app.errors import ApiError
 from app.timefmt import iso_z
 
 CONNECTION_SALT = "workspace-chat.connection-string"
@@ -103,3 +104,19 @@ def verify_message_string(token: Any) -> dict[str, Any]:
     if not all(isinstance(payload.get(k), str) for k in ("t", "u", "c", "s", "j")):
         raise TokenInvalid()
     return payload
+
+
+_VERIFIERS = {"connection_string": verify_connection_string,
+              "message_string": verify_message_string}
+
+
+def claims_or_refuse(kind: str, token: Any) -> dict[str, Any]:
+    """The claims of a genuine, unexpired ``kind`` ("connection_string" or "message_string"),
+    else the contract's error: ``{kind}_expired`` or ``invalid_{kind}``."""
+    name = kind.replace("_", " ")
+    try:
+        return _VERIFIERS[kind](token)
+    except TokenExpired:
+        raise ApiError(f"{kind}_expired", f"The {name} has expired; ask for a new one.") from None
+    except TokenInvalid:
+        raise ApiError(f"invalid_{kind}", f"The {name} is not valid.") from None

@@ -360,27 +360,27 @@ def test_demo_with_app_env_production_refuses_to_start(tmp_path):
 # --- 1. the service's per-connection windows (unit) ------------------------------------------
 
 def test_the_service_drops_typing_past_two_a_second_and_forgets_windows_on_release(app):
-    from app.chat import service
+    from app.chat import connections, messages, session
     from app.errors import ApiError
 
-    connection = service.Connection(sid="unit-" + uuid.uuid4().hex, tenant_id="t", user_pk=1,
-                                    user_id="ann", chat_id="c", workspace_id="w")
+    connection = connections.Connection(sid="unit-" + uuid.uuid4().hex, tenant_id="t", user_pk=1,
+                                        user_id="ann", chat_id="c", workspace_id="w")
     with app.test_request_context():
-        relayed = [service.typing_payload(connection, {"is_typing": True}) for _ in range(5)]
+        relayed = [session.typing_payload(connection, {"is_typing": True}) for _ in range(5)]
         assert relayed[:2] == [{"user_id": "ann", "is_typing": True}] * 2
         assert relayed[2:] == [None, None, None]  # dropped, no error
         with pytest.raises(ApiError) as refused:  # validation still comes first
-            service.typing_payload(connection, {"is_typing": "yes"})
+            session.typing_payload(connection, {"is_typing": "yes"})
         assert refused.value.code == "validation_error"
         for _ in range(10):  # RATE_LIMIT_MESSAGES, 10 a second
-            service.new_message_string(connection, requested=True)
+            messages.new_message_string(connection, requested=True)
         for _ in range(3):  # the strings the server hands out by itself are not counted
-            service.new_message_string(connection)
+            messages.new_message_string(connection)
         with pytest.raises(ApiError) as refused:
-            service.new_message_string(connection, requested=True)
+            messages.new_message_string(connection, requested=True)
         assert refused.value.code == "rate_limited"
         assert 0 < refused.value.details["retry_after"] <= 1
-        service.release_connection(connection)
+        connections.release_connection(connection)
         for name in ("typing", "message_string", "message"):
             rate = app.extensions.get(f"chat_{name}_rate")  # made on first use
             assert rate is None or connection.sid not in rate.windows

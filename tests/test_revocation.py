@@ -321,7 +321,7 @@ def test_a_connection_authorised_while_a_revocation_ends_sessions_is_refused(
         app, tenant, monkeypatch):
     """The race: the connection's checks read the database before the removal committed, and
     the removal's end request ran before the connection was registered."""
-    from app.chat import revocation, service
+    from app.chat import connections, revocation
     from app.errors import ApiError
     from app.users import find_user
 
@@ -329,20 +329,20 @@ def test_a_connection_authorised_while_a_revocation_ends_sessions_is_refused(
     assert tenant.api.put(f"/api/v1/workspaces/{workspace['id']}/members/bob").status_code == 204
     chat = tenant.chat("alice", workspace_id=workspace["id"])
     bob = find_user(tenant.id, "bob")
-    mark_first = service._mark_first_connection
+    mark_first = connections._mark_first_connection
 
     def removed_meanwhile(user):
         revocation.end_member_sessions(tenant.id, workspace["id"], bob.id)
         return mark_first(user)
 
-    monkeypatch.setattr(service, "_mark_first_connection", removed_meanwhile)
+    monkeypatch.setattr(connections, "_mark_first_connection", removed_meanwhile)
     auth = {"chat_id": chat["id"], "api_key": tenant.key}
     with pytest.raises(ApiError) as refused:
-        service.authorize_connection("sid-bob", {**auth, "user_id": "bob"}, {})
+        connections.authorize_connection("sid-bob", {**auth, "user_id": "bob"}, {})
     assert refused.value.code == "forbidden"
     # the owner, whom the removal does not cover, connects
-    connection, _ = service.authorize_connection("sid-alice", {**auth, "user_id": "alice"}, {})
-    service.release_connection(connection)
+    connection, _ = connections.authorize_connection("sid-alice", {**auth, "user_id": "alice"}, {})
+    connections.release_connection(connection)
 
 
 # --- two processes (PostgreSQL and Redis) ------------------------------------------------------

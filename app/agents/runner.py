@@ -20,10 +20,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.agents import AgentContext, AgentError, agent_for
+from app.chat.rooms import NAMESPACE
+from app.chat.serialize import message_payload
 from app.extensions import db, socketio
 from app.models import Message
 
-NAMESPACE = "/chat"
 HISTORY_LIMIT = 50
 #: How often a waiting runner looks for a stop signal, in seconds.
 STOP_POLL = 0.2
@@ -99,12 +100,6 @@ def _run(app: Flask, job: ReplyJob) -> None:
             db.session.remove()
 
 
-def _message_object(message: Message) -> dict[str, Any]:
-    from app.chat.service import message_payload
-
-    return message_payload(message, message.user.external_id if message.user else None)
-
-
 class Reply:
     """One agent reply, from stored-empty to ended."""
 
@@ -126,11 +121,11 @@ class Reply:
             select(Message).where(Message.chat_id == self.job.chat_id,
                                   Message.id < user_message.id)
             .order_by(Message.id.desc()).limit(HISTORY_LIMIT)).scalars().all()
-        history = [_message_object(m) for m in reversed(rows)
+        history = [message_payload(m) for m in reversed(rows)
                    if not (m.role == "agent" and m.finish_reason is None)]
         self.interrupted = [m.id for m in rows if m.role == "agent" and m.finish_reason is None]
         return AgentContext(self.job.tenant_id, self.job.workspace_id, self.job.chat_id,
-                            _message_object(user_message), history, self.job.config,
+                            message_payload(user_message), history, self.job.config,
                             self.timeout)
 
     def run(self) -> None:

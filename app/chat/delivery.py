@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 
 from socketio import Manager, RedisManager
 
+from app.chat.rooms import is_chat_room
+
 Keep = Callable[[str, Any], bool]
 
 #: How long a process remembers the end requests it ran, for the connections that were being
@@ -226,7 +228,7 @@ class ChatRedisManager(RedisManager, ChatManager):
              to=None, **kwargs):
         target = to or room
         if (kwargs.get("ignore_queue") or callback is not None or not isinstance(target, str)
-                or not target.startswith("chat:")):
+                or not is_chat_room(target)):
             return super().emit(event, data, namespace=namespace, room=target,
                                 skip_sid=skip_sid, callback=callback, **kwargs)
         # PubSubManager delivers to its own clients first and publishes after, so two

@@ -6,8 +6,10 @@ from typing import Any
 from flask import current_app, request
 from flask_socketio import ConnectionRefusedError, Namespace, emit, join_room
 
-from app.chat import revocation, service
-from app.chat.service import NAMESPACE, Connection
+from app.chat import revocation, session
+from app.chat.connections import Connection, authorize_connection, release_connection
+from app.chat.messages import new_message_string, post_message, stop_generation
+from app.chat.rooms import NAMESPACE, chat_room
 from app.chat.transport import catching_up
 from app.errors import ApiError
 from app.jsondepth import MAX_JSON_DEPTH, too_deep
@@ -35,7 +37,7 @@ class ChatNamespace(Namespace):
     def on_connect(self, auth: Any = None) -> None:
         sid = request.sid
         try:
-            connection, first = service.authorize_connection(sid, auth, request.args)
+            connection, first = authorize_connection(sid, auth, request.args)
         except ApiError as error:
             _count_error(error.code)
             raise ConnectionRefusedError(error.message, {"code": error.code,
@@ -67,8 +69,8 @@ class ChatNamespace(Namespace):
         self.connections[sid] = connection
         manager.gate(sid)
         revocation.track(connection)
-        join_room(service.chat_room(connection.chat_id))
-        events, keep = service.catch_up(connection, first)
+        join_room(chat_room(connection.chat_id))
+        events, keep = session.catch_up(connection, first)
         with catching_up(self.socketio.server, sid, NAMESPACE):
             for event, data in events:
                 emit(event, data)
@@ -104,7 +106,7 @@ class ChatNamespace(Namespace):
         connection = self.connections.pop(sid, None)
         if connection is not None:
             _metrics().connections.dec()
-            service.release_connection(connection)
+            release_connection(connection)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -158,26 +160,26 @@ class ChatNamespace(Namespace):
     def on_message(self, *args: Any) -> dict[str, Any]:
         payload = args[0] if len(args) == 1 else None
         with _metrics().message_latency.time():
-            ack = self._call(lambda: service.post_message(self._connection(), payload))
+            ack = self._call(lambda: post_message(self._connection(), payload))
         if ack.get("ok"):
             _metrics().messages.inc()
         return ack
 
     def on_get_message_string(self, *args: Any) -> dict[str, Any]:
-        return self._call(lambda: service.new_message_string(self._connection(),
+        return self._call(lambda: new_message_string(self._connection(),
                                                              requested=True))
 
     def on_stop_generation(self, *args: Any) -> dict[str, Any]:
-        return self._call(lambda: {"ok": True, "stopped": service.stop_generation(
+        return self._call(lambda: {"ok": True, "stopped": stop_generation(
             self._connection())})
 
     def on_typing(self, *args: Any) -> None:
         def relay():
             connection = self._connection()
-            payload = service.typing_payload(connection, args[0] if len(args) == 1 else None)
+            payload = session.typing_payload(connection, args[0] if len(args) == 1 else None)
             if payload is None:  # over the typing rate: dropped silently
                 return
-            emit("typing", payload, to=service.chat_room(connection.chat_id),
+            emit("typing", payload, to=chat_room(connection.chat_id),
                  include_self=False)
 
         self._call(relay)

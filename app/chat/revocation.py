@@ -16,7 +16,7 @@ from app.errors import ApiError
 from app.extensions import socketio
 
 if TYPE_CHECKING:
-    from app.chat.service import Connection
+    from app.chat.connections import Connection
 
 # The chat service imports the workspace rules, which call this module: names of the chat
 # service are imported inside the functions that need them.
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def track(connection: Connection) -> None:
     """Register a live connection of this process, so that a revocation can end it."""
-    from app.chat.service import NAMESPACE
+    from app.chat.rooms import NAMESPACE
 
     socketio.server.manager.track_session(connection.sid, NAMESPACE, _tags(connection))
 
@@ -74,8 +74,8 @@ def end_member_sessions(tenant_id: str, workspace_id: str, user_pk: int) -> None
 
 def close_chats(chat_ids: Iterable[str]) -> None:
     """Chats that were deleted: their clients get ``chat_deleted`` and are disconnected, as
-    when one chat is deleted (app.chat.service.delete_chat)."""
-    from app.chat.service import NAMESPACE, chat_room
+    when one chat is deleted (app.chat.chats.delete_chat)."""
+    from app.chat.rooms import NAMESPACE, chat_room
 
     if socketio.server is None:
         return

@@ -2,7 +2,7 @@
 from flask import g
 
 from app.api import tenant_blueprint
-from app.chat import service
+from app.chat import chats
 from app.pagination import PaginationArgs
 from app.schemas import (ChatCreateSchema, ChatPageSchema, ChatSchema,
                          ConnectionStringRequestSchema, ConnectionStringSchema,
@@ -15,7 +15,7 @@ chat_bp = tenant_blueprint("chat", __name__, "/chat",
 
 
 def _create(body):
-    return service.create_chat(g.tenant, body["user_id"], body.get("workspace_id"),
+    return chats.create_chat(g.tenant, body["user_id"], body.get("workspace_id"),
                                body.get("title"), body.get("metadata"))
 
 
@@ -43,14 +43,14 @@ def create_chat_via_chat_blueprint(body):
 def list_user_chats(args, user_id):
     """The chats a user created, oldest first."""
     require_valid_user_id(user_id)
-    return service.list_user_chats(g.tenant, user_id, args["offset"], args["limit"])
+    return chats.list_user_chats(g.tenant, user_id, args["offset"], args["limit"])
 
 
 @bp.route("/<chat_id>", methods=["GET"])
 @bp.response(200, ChatSchema)
 def get_chat(chat_id):
     """One chat."""
-    return service.get_chat(g.tenant, chat_id)
+    return chats.get_chat(g.tenant.id, chat_id)
 
 
 @bp.route("/<chat_id>/messages", methods=["GET"])
@@ -58,8 +58,8 @@ def get_chat(chat_id):
 @bp.response(200, MessagePageSchema)
 def list_messages(args, chat_id):
     """A page of the chat's history; `after_id`/`before_id` bound it, `order` sorts it."""
-    chat = service.get_chat(g.tenant, chat_id)
-    return service.list_messages(chat, args["offset"], args["limit"], args["order"],
+    chat = chats.get_chat(g.tenant.id, chat_id)
+    return chats.list_messages(chat, args["offset"], args["limit"], args["order"],
                                  args.get("after_id"), args.get("before_id"))
 
 
@@ -67,7 +67,7 @@ def list_messages(args, chat_id):
 @bp.response(204)
 def delete_chat(chat_id):
     """Delete a chat and its messages."""
-    service.delete_chat(service.get_chat(g.tenant, chat_id))
+    chats.delete_chat(chats.get_chat(g.tenant.id, chat_id))
 
 
 @bp.route("/<chat_id>/connection-string", methods=["POST"])
@@ -75,5 +75,5 @@ def delete_chat(chat_id):
 @bp.response(200, ConnectionStringSchema)
 def connection_string(body, chat_id):
     """A signed, time-limited connection string for the chat's owner or a member."""
-    chat = service.get_chat(g.tenant, chat_id)
-    return service.connection_string_for(g.tenant, chat, body["user_id"])
+    chat = chats.get_chat(g.tenant.id, chat_id)
+    return chats.connection_string_for(g.tenant, chat, body["user_id"])

@@ -22,7 +22,7 @@ from flask import (Blueprint, current_app, render_template, request, send_from_d
 from flask_limiter.util import get_remote_address
 from sqlalchemy import select
 
-from app.chat.service import connection_string_for, create_chat
+from app.chat.chats import connection_string_for, create_chat
 from app.demo import DEMO_OWNER_ID, DEMO_TENANT_ID, ensure_demo
 from app.errors import ApiError
 from app.extensions import db, limiter

@@ -14,8 +14,10 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from app.chat import revocation, service
-from app.chat.service import NAMESPACE, Connection
+from app.chat import revocation, session
+from app.chat.connections import Connection, authorize_connection, release_connection
+from app.chat.messages import new_message_string, post_message, stop_generation
+from app.chat.rooms import NAMESPACE, chat_room
 from app.errors import ApiError
 from app.extensions import db, socketio
 from app.jsondepth import too_deep
@@ -120,11 +122,11 @@ class PlainWebSocketClient:
         would get."""
         connection = self.connection
         manager = socketio.server.manager
-        room = service.chat_room(connection.chat_id)
+        room = chat_room(connection.chat_id)
         manager.gate(self.id)
         manager.add_listener(room, self.id, self.send, self.close)
         revocation.track(connection)
-        events, keep = service.catch_up(connection, self.first)
+        events, keep = session.catch_up(connection, self.first)
         for event, data in events:
             if event == "connection_established":
                 self.message_string = data["message_string"]
@@ -134,13 +136,13 @@ class PlainWebSocketClient:
     def leave(self) -> None:
         if self.connection is not None:
             socketio.server.manager.remove_listener(
-                service.chat_room(self.connection.chat_id), self.id)
+                chat_room(self.connection.chat_id), self.id)
             if self.slow:
                 try:
-                    service.note_slow_client(self.connection)
+                    session.note_slow_client(self.connection)
                 except Exception:
                     self.logger.exception("/ws/chat could not record a slow client")
-            service.release_connection(self.connection)
+            release_connection(self.connection)
             self.connection = None
 
     # -- input ------------------------------------------------------------------------------
@@ -162,17 +164,17 @@ class PlainWebSocketClient:
             if event == "message":
                 self._message(data)
             elif event == "get_message_string":
-                string = service.new_message_string(self.connection, requested=True)
+                string = new_message_string(self.connection, requested=True)
                 self.message_string = string["message_string"]
                 self.send("get_message_string", string)
             elif event == "stop_generation":
                 self.send("stop_generation",
-                          {"ok": True, "stopped": service.stop_generation(self.connection)})
+                          {"ok": True, "stopped": stop_generation(self.connection)})
             elif event == "typing":
-                payload = service.typing_payload(self.connection, data)
+                payload = session.typing_payload(self.connection, data)
                 if payload is None:  # over the typing rate: dropped silently
                     return
-                socketio.emit("typing", payload, to=service.chat_room(self.connection.chat_id),
+                socketio.emit("typing", payload, to=chat_room(self.connection.chat_id),
                               namespace=NAMESPACE, skip_sid=self.id)
             else:
                 raise ApiError("validation_error", f"Unknown event {str(event)[:40]!r}.",
@@ -191,12 +193,12 @@ class PlainWebSocketClient:
         if isinstance(data, dict) and data.get("message_string") is None:
             data = {**data, "message_string": self.message_string}
         try:
-            ack = service.post_message(self.connection, data)
+            ack = post_message(self.connection, data)
         except ApiError as error:
             if error.code in ("message_string_reused", "message_string_expired",
                               "invalid_message_string", "rate_limited", "chat_busy"):
                 # the kept string may be gone: have a fresh one ready for the next frame
-                self.message_string = service.new_message_string(
+                self.message_string = new_message_string(
                     self.connection)["message_string"]
             raise
         self.message_string = ack["next_message_string"]
@@ -281,7 +283,7 @@ def chat_socket():
         return refused
     sid = "ws:" + uuid.uuid4().hex
     try:
-        connection, first = service.authorize_connection(sid, None, request.args)
+        connection, first = authorize_connection(sid, None, request.args)
         error = None
     except ApiError as exc:
         connection, first, error = None, False, exc
@@ -292,7 +294,7 @@ def chat_socket():
         ws = PlainSocket(request.environ, **options)
     except BaseException:
         if connection is not None:
-            service.release_connection(connection)
+            release_connection(connection)
         raise
     if error is not None:
         try:

@@ -1,0 +1,150 @@
+"""Connections: who may join a chat, counted per tenant, and what each connection may do.
+
+A connection is authorised once, when it connects (Socket.IO or /ws/chat); what it may do
+afterwards is fixed in its ``Connection``. Revocations end it (app/chat/revocation.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from flask import current_app
+from sqlalchemy import update
+
+from app.auth import find_api_key
+from app.chat import limits, revocation
+from app.chat.chats import get_chat, require_participant
+from app.errors import ApiError
+from app.extensions import db
+from app.models import ApiKey, Tenant, User, utcnow
+from app.schemas import MAX_ID, USER_ID_ERROR, is_valid_user_id
+from app.state import SharedState
+from app.text import TEXT_ERROR, is_text
+from app.tokens import claims_or_refuse
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What a live connection is allowed to do, fixed when it connected."""
+
+    sid: str
+    tenant_id: str
+    user_pk: int
+    user_id: str
+    chat_id: str
+    workspace_id: str
+    last_message_id: int | None = None
+    #: The API key it authenticated with, or that issued its connection string (revoking
+    #: that key ends the connection); None for a string issued without a key (the demo).
+    api_key_id: str | None = None
+
+
+def shared_state() -> SharedState:
+    """This app's shared runtime state (memory, or Redis when REDIS_URL is set)."""
+    return current_app.extensions["chat_state"]
+
+
+def _text_param(params: Mapping[str, Any], name: str, max_length: int = 4096) -> str | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > max_length:
+        raise ApiError("validation_error", f"'{name}' must be a string.", {name: ["Not a string."]})
+    if not is_text(value):  # no database can look such a value up
+        raise ApiError("validation_error", f"'{name}' must be valid text.", {name: [TEXT_ERROR]})
+    return value
+
+
+def _message_id_param(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    # ASCII digits only ("²".isdigit() is true, int("²") fails) and within a 64-bit id
+    if isinstance(value, bool) or not isinstance(value, (str, int)) \
+            or not (str(value).isascii() and str(value).isdigit()) or len(str(value)) > 19 \
+            or int(value) > MAX_ID:
+        raise ApiError("validation_error", "'last_message_id' must be a message id.",
+                       {"last_message_id": ["Must be a message id."]})
+    return int(value)
+
+
+def authorize_connection(sid: str, auth: Any, query: Mapping[str, Any]) -> tuple[Connection, bool]:
+    """Check a connection's credentials and count it; returns it and whether it is the user's first.
+
+    ``auth`` is the Socket.IO auth payload; the same fields are accepted as query parameters.
+    Refusals: validation_error, invalid_connection_string, connection_string_expired,
+    invalid_api_key, chat_not_found, forbidden, too_many_connections.
+    """
+    started = time.monotonic()
+    if auth is not None and not isinstance(auth, dict):
+        raise ApiError("validation_error", "The auth payload must be an object.")
+    params = {**{k: v for k, v in query.items()}, **(auth or {})}
+    chat_id = _text_param(params, "chat_id", 64)
+    connection_string = _text_param(params, "connection_string")
+    api_key = _text_param(params, "api_key", 256)
+    user_id = _text_param(params, "user_id", 128)
+    last_message_id = _message_id_param(params.get("last_message_id"))
+    if chat_id is None or not (connection_string or (api_key and user_id)):
+        raise ApiError("validation_error", "Send chat_id with either connection_string, or "
+                       "api_key and user_id.", {"chat_id": ["Required."]} if chat_id is None
+                       else {"connection_string": ["Required (or api_key and user_id)."]})
+    if connection_string:
+        claims = claims_or_refuse("connection_string", connection_string)
+        if claims["c"] != chat_id:
+            raise ApiError("invalid_connection_string",
+                           "The connection string was issued for another chat.")
+        tenant = db.session.get(Tenant, claims["t"])
+        if tenant is None:
+            raise ApiError("invalid_connection_string", "The connection string is not valid.")
+        api_key_id = claims.get("k")
+        if api_key_id is not None:
+            key = db.session.get(ApiKey, api_key_id)
+            if key is None or key.tenant_id != tenant.id or key.revoked_at is not None:
+                raise ApiError("invalid_connection_string", "The API key that issued this "
+                               "connection string has been revoked; ask for a new one.")
+        user_id = claims["u"]
+    else:
+        if not is_valid_user_id(user_id):
+            raise ApiError("validation_error", "The user id is not valid.",
+                           {"user_id": [USER_ID_ERROR]})
+        key = find_api_key(api_key)
+        if key is None:
+            raise ApiError("invalid_api_key", "The API key is not valid.")
+        tenant, api_key_id = key.tenant, key.id
+    chat = get_chat(tenant.id, chat_id)
+    user = require_participant(tenant.id, chat, user_id)
+    limit = current_app.config["MAX_CONNECTIONS_PER_TENANT"]
+    if not shared_state().acquire_connection(tenant.id, sid, limit):
+        raise ApiError("too_many_connections",
+                       f"This tenant already has {limit} connections open.")
+    connection = Connection(sid, tenant.id, user.id, user.external_id, chat.id,
+                            chat.workspace_id, last_message_id, api_key_id)
+    try:
+        first = _mark_first_connection(user)
+        # A revocation that committed after the checks above read the database, and ended
+        # sessions before this one is registered (the adapter does that next, without
+        # yielding), would miss it: refuse it as that revocation would have.
+        revoked = revocation.ended_since(connection, started)
+        if revoked is not None:
+            raise revoked
+    except Exception:
+        shared_state().release_connection(tenant.id, sid)
+        raise
+    return connection, first
+
+def _mark_first_connection(user: User) -> bool:
+    """Record the user's first socket connection; True only for that very first one."""
+    if user.first_connected_at is not None:  # no write (and no commit) on every connect
+        return False
+    result = db.session.execute(
+        update(User).where(User.id == user.id, User.first_connected_at.is_(None))
+        .values(first_connected_at=utcnow()))
+    db.session.commit()
+    return result.rowcount == 1
+
+
+def release_connection(connection: Connection) -> None:
+    """Stop counting a connection that has ended."""
+    shared_state().release_connection(connection.tenant_id, connection.sid)
+    limits.forget_connection(connection.sid)
+
