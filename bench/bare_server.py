@@ -4,7 +4,10 @@
 
 /chat: a client connects with auth {chat_id} and joins that room; `message` {content, chat_id}
 is broadcast to the room as `message_received` (with an id, like ours) and acknowledged. No
-authentication, no message strings, no database, no rate limit.
+authentication, no message strings, no database, no rate limit. With `stream: true` in the
+payload it then emits, to the room, what our echo agent's reply emits with STREAM_FLUSH_MS=0:
+`message_stream_started`, one `message_stream_token` per word of the content, and
+`message_stream_ended` (the same number of events; nothing else: no agent, no storage).
 
 Without --tuned it runs exactly as ``socketio.run(app)`` leaves it. With --tuned it gets what
 our Procfile server sets: TCP_NODELAY on the listening socket (accepted sockets inherit it), a
@@ -32,6 +35,7 @@ else:
     monkey.patch_all()
 
 import itertools  # noqa: E402
+import re  # noqa: E402
 import socket  # noqa: E402
 
 from flask import Flask, request  # noqa: E402
@@ -61,7 +65,22 @@ def message(data):
     message = {"id": str(next(ids)), "chat_id": chat_id, "content": data.get("content"),
                "role": "user"}
     emit("message_received", message, to=chat_id)
+    if data.get("stream"):
+        stream(chat_id, message)
     return {"ok": True, "message": message}
+
+
+def stream(chat_id: str, message: dict) -> None:
+    reply_id = str(next(ids))
+    emit("message_stream_started", {"message_id": reply_id, "chat_id": chat_id,
+                                    "reply_to": message["id"]}, to=chat_id)
+    words = re.findall(r"\s*\S+", message["content"] or "")
+    for index, word in enumerate(words):
+        emit("message_stream_token", {"message_id": reply_id, "chat_id": chat_id,
+                                      "token": word, "index": index}, to=chat_id)
+    emit("message_stream_ended", {"message_id": reply_id, "chat_id": chat_id,
+                                  "content": "".join(words), "finish_reason": "stop"},
+         to=chat_id)
 
 
 @app.get("/healthz")
