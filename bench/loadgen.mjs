@@ -249,7 +249,8 @@ async function runLoad() {
     const members = clients.filter((c) => c.chat === chat).slice(0, sendersPerChat);
     members.forEach((c, i) => {
       if (mode === "closed") senders.push(runClosed(c, i));
-      else if (mode === "paced") senders.push(runPaced(c, i, chat * sendersPerChat + i, slots, start));
+      else if (mode === "paced")
+        senders.push(runPaced(c, i, chat * sendersPerChat + i, slots, start));
       else senders.push(send(c, i, 0, performance.now(), 0, " w".repeat(spec.words - 1)));
     });
   }

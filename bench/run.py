@@ -97,7 +97,7 @@ def rows_for(name: str, ours: dict, bare: dict | None, args) -> list[tuple]:
         return [(f"{label}: server CPU ms per 1,000 deliveries",
                  ours["server_cpu_ms_per_1000_deliveries"],
                  get(b, "server_cpu_ms_per_1000_deliveries"), True),
-                (f"{label}: deliveries/s", ours["deliveries_per_s"], get(b, "deliveries_per_s"),
+                ("same: deliveries/s", ours["deliveries_per_s"], get(b, "deliveries_per_s"),
                  True)]
     if name in ("many", "overload"):
         label = f"{s['chats']} chats × {s['clients_per_chat']} clients"
