@@ -144,8 +144,8 @@ def rows_for(name: str, ours: dict, bare: dict | None, args) -> list[tuple]:
             (f"then {_num(offered['recovery'], 0)} msg/s for {args.recovery_duration:g} s: "
              "latency p99 (ms)", _p(ours, "p99", 1), bare and _p(bare, "p99", 1), True),
             ("same: acks after 2 s", recovery["acks_late"], br.get("acks_late"), False),
-            ("acknowledged but missing from the history", ours["acked_missing_from_history"],
-             None, False)]
+            (f"acknowledged ({ours['acked_checked_in_history']:,}) but missing from the history",
+             ours["acked_missing_from_history"], None, False)]
     if name == "connect":
         label = f"{ours['clients']:,} connections ({s['chats']} chats × {s['clients_per_chat']})"
         return [(f"{label}: server CPU ms per connect", ours["server_cpu_ms_per_connect"],

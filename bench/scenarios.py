@@ -54,8 +54,8 @@ class Run:
     """A target started for one scenario, the load generator, and CPU read between phases."""
 
     def __init__(self, name: str, target_name: str, args, workdir: Path,
-                 extra_env: dict | None = None):
-        self.name, self.args = name, args
+                 extra_env: dict | None = None, tag: str = ""):
+        self.name, self.args, self.tag = name, args, tag
         self.target: Target = start(target_name, args, workdir, extra_env)
         self.tenant = Tenant(self.target)
         self.loadgen = None
@@ -98,7 +98,7 @@ class Run:
 
     def start_profile(self) -> None:
         if self.args.profile and self.target.ours:
-            out = BENCH / "out" / f"profile-{self.name}-{self.args.database}.txt"
+            out = BENCH / "out" / f"profile-{self.name}{self.tag}-{self.args.database}.txt"
             self.profiler = subprocess.Popen(
                 [str(Path(PYTHON).parent / "py-spy"), "record", "--format", "raw", "--rate",
                  "250", "--nonblocking", "-o", str(out), "--pid", str(self.target.pids()[0][-1])],
@@ -229,7 +229,7 @@ def run_stream(target: str, args, workdir: Path, context: dict) -> list[dict]:
         if target == "ours" else [(None, {})]
     results = []
     for variant, env in variants:
-        run = Run("stream", target, args, workdir, env)
+        run = Run("stream", target, args, workdir, env, tag=f"-{variant}" if variant else "")
         try:
             chats = run.tenant.chats(s["chats"], agent=dict(ECHO, delay_ms=args.echo_delay_ms))
             run.launch(run.spec("stream", chats, clients_per_chat=s["clients_per_chat"],
@@ -265,6 +265,7 @@ def run_overload(target: str, args, workdir: Path, context: dict) -> list[dict]:
         result["offered_per_s"] = {"burst": burst, "recovery": recovery}
         acked_ids = result.pop("acked_ids", None)
         if acked_ids is not None:
+            result["acked_checked_in_history"] = sum(len(ids) for ids in acked_ids.values())
             result["acked_missing_from_history"] = missing_from_history(run, acked_ids)
         return [result]
     finally:
