@@ -227,3 +227,12 @@ def test_an_error_response_is_json_with_the_envelope_only(tenant):
     assert r.is_json
     assert r.mimetype == "application/json"
     assert_error(r, 404, "chat_not_found")
+
+
+def test_http_errors_go_to_the_one_renderer_not_flask_smorests(app):
+    # create_app registers it after api.init_app, replacing the handler flask-smorest binds.
+    from werkzeug.exceptions import HTTPException
+
+    from app.errors import handle_http_exception
+
+    assert app.error_handler_spec[None][None][HTTPException] is handle_http_exception
