@@ -4,8 +4,7 @@ from flask import g
 from app.api import tenant_blueprint
 from app.pagination import PaginationArgs
 from app.schemas import (USER_ID_PATH_PARAMETER, WorkspaceCreateSchema, WorkspacePageSchema,
-                         WorkspaceSchema, WorkspaceUpdateSchema)
-from app.users import require_valid_user_id
+                         WorkspaceSchema, WorkspaceUpdateSchema, require_valid_user_id)
 from app.workspaces import service
 
 bp = tenant_blueprint("workspaces", __name__, "/api/v1/workspaces",
