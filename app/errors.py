@@ -8,6 +8,8 @@ from typing import Any
 from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from app.extensions import db, limiter
+
 #: Every error code of the public contract and the HTTP status it is answered with.
 STATUS_BY_CODE: dict[str, int] = {
     "validation_error": 400,
@@ -108,8 +110,6 @@ def from_http_exception(exc: HTTPException) -> tuple[ApiError, dict[str, str]]:
     data = getattr(exc, "data", None) or {}
     headers: dict[str, str] = {}
     if status == 429:
-        from app.extensions import limiter
-
         details: dict[str, Any] = {}
         current = limiter.current_limit
         if current is not None:
@@ -146,15 +146,16 @@ def handle_http_exception(exc: HTTPException):
 
 def handle_unexpected(exc: Exception):
     """Log an unexpected exception with its traceback; answer ``internal_error`` without it."""
-    from app.extensions import db
-
     db.session.rollback()  # a failed statement must not poison the rest of the session
     current_app.logger.exception("unhandled error on %s %s", request.method, request.path)
     return error_response(ApiError("internal_error"))
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Bind the one renderer to ApiError, every HTTP exception and anything unexpected."""
+    """Bind the one renderer to ApiError, every HTTP exception and anything unexpected.
+
+    Called after ``api.init_app``: flask-smorest registers its own HTTPException renderer
+    there, and this one replaces it."""
     app.register_error_handler(ApiError, handle_api_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)

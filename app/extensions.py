@@ -7,8 +7,6 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from sqlalchemy import MetaData
 
-from app.errors import from_http_exception, error_response
-
 # Constraint names are fixed so that migrations are identical on SQLite and PostgreSQL.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -22,14 +20,6 @@ db = SQLAlchemy(metadata=MetaData(naming_convention=NAMING_CONVENTION))
 migrate = Migrate()
 socketio = SocketIO()
 limiter = Limiter(key_func=get_remote_address)
-
-
-class ChatApi(Api):
-    """flask-smorest's Api, rendering every HTTP error in the contract's envelope."""
-
-    def handle_http_exception(self, error):
-        api_error, headers = from_http_exception(error)
-        return error_response(api_error, headers)
-
-
-api = ChatApi()
+# Its HTTP errors are rendered in the contract's envelope by app.errors.register_error_handlers,
+# which create_app calls after api.init_app (so it replaces flask-smorest's own handler).
+api = Api()

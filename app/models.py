@@ -8,6 +8,7 @@ from sqlalchemy import BigInteger, Index, Integer, JSON, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import db
+from app.text import is_text
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -26,10 +27,11 @@ def new_id() -> str:
 def may_be_id(value: str) -> bool:
     """Whether a client's string can be looked up as an id at all (else it names nothing).
 
-    Ids are at most 64 characters, and PostgreSQL refuses a NUL in any string parameter: the
-    lookup itself would fail instead of finding nothing.
+    Ids are at most 64 characters, and a string that is not text (a NUL, which PostgreSQL
+    refuses in any parameter, or a lone surrogate) would fail the lookup itself instead of
+    finding nothing.
     """
-    return len(value) <= 64 and "\x00" not in value
+    return len(value) <= 64 and is_text(value)
 
 
 class Tenant(db.Model):

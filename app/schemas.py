@@ -7,7 +7,11 @@ from datetime import datetime
 
 from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 
+from app.agents import KINDS as AGENT_KINDS
+from app.agents.secrets import SECRET_FIELDS
+from app.errors import ApiError
 from app.pagination import PaginationArgs
+from app.text import TEXT_ERROR, is_text, strings_in
 from app.timefmt import iso_z
 
 USER_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
@@ -19,23 +23,20 @@ CALLABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A
 METADATA_MAX_BYTES = 16 * 1024
 MAX_ID = 2**63 - 1  # ids and offsets are 64-bit integers in the database
 
-AGENT_KINDS = ("none", "echo", "openai", "webhook", "python")
-#: Fields each agent kind accepts, and which of them are required.
-AGENT_FIELDS: dict[str, tuple[set[str], set[str]]] = {
-    "none": (set(), set()),
-    "echo": ({"delay_ms"}, set()),
-    "openai": ({"base_url", "model", "api_key", "system_prompt", "history"}, {"base_url", "model"}),
-    "webhook": ({"url", "secret"}, {"url"}),
-    "python": ({"callable"}, {"callable"}),
-}
-#: Agent fields that are secrets: stored, never returned.
-AGENT_SECRETS = ("api_key", "secret")
 
 
 def is_valid_user_id(value: object) -> bool:
     """Whether ``value`` is a well-formed tenant-scoped user id."""
     # fullmatch: with re.match, "$" also matches before a trailing newline ("ann\n").
     return isinstance(value, str) and USER_ID_RE.fullmatch(value) is not None
+
+
+def require_valid_user_id(value: object) -> None:
+    """Raise ``validation_error`` with ``{"user_id": [USER_ID_ERROR]}`` unless ``value`` is a
+    well-formed user id (one from a URL, a query or a connection's parameters)."""
+    if not is_valid_user_id(value):
+        raise ApiError("validation_error", "The user id is not valid.",
+                       {"user_id": [USER_ID_ERROR]})
 
 
 class FullMatch(validate.Regexp):
@@ -54,6 +55,17 @@ def always_present(schema: type[Schema]) -> type[Schema]:
     return schema
 
 
+def page_schema(name: str, items: str, item_schema: type[Schema]) -> type[Schema]:
+    """The contract's page: ``{<items>: [...], total, offset, limit, has_more}``."""
+    return always_present(Schema.from_dict({
+        items: fields.List(fields.Nested(item_schema)),
+        "total": fields.Integer(),
+        "offset": fields.Integer(),
+        "limit": fields.Integer(),
+        "has_more": fields.Boolean(),
+    }, name=name))
+
+
 class UtcDateTime(fields.DateTime):
     """ISO 8601 UTC with a trailing Z (times are stored as naive UTC)."""
 
@@ -69,7 +81,7 @@ class UserId(fields.String):
 
 
 class StrictString(fields.String):
-    """A string that refuses NUL characters, which PostgreSQL cannot store."""
+    """A string that must be text (app.text): no NUL, which PostgreSQL cannot store."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -78,8 +90,8 @@ class StrictString(fields.String):
 
     def _deserialize(self, value, attr, data, **kwargs):
         result = super()._deserialize(value, attr, data, **kwargs)
-        if "\x00" in result:
-            raise ValidationError("Must not contain NUL characters.")
+        if not is_text(result):
+            raise ValidationError(TEXT_ERROR)
         return result
 
 
@@ -88,7 +100,7 @@ class StrictString(fields.String):
 class AgentSchema(Schema):
     """A workspace's agent configuration; the fields allowed depend on ``kind``."""
 
-    kind = fields.String(required=True, validate=validate.OneOf(AGENT_KINDS))
+    kind = fields.String(required=True, validate=validate.OneOf(tuple(AGENT_KINDS)))
     delay_ms = fields.Integer(strict=True, validate=validate.Range(min=0, max=1000))
     base_url = fields.Url(schemes={"http", "https"}, require_tld=False)
     model = StrictString(validate=validate.Length(min=1, max=200))
@@ -130,13 +142,12 @@ class AgentSchema(Schema):
     @validates_schema
     def _fields_for_kind(self, data, **kwargs):
         kind = data.get("kind")
-        if kind not in AGENT_FIELDS:
+        if kind not in AGENT_KINDS:
             return
-        allowed, required = AGENT_FIELDS[kind]
         errors = {}
-        for name in data.keys() - {"kind"} - allowed:
+        for name in data.keys() - {"kind"} - AGENT_KINDS[kind].fields:
             errors[name] = [f"Not allowed for agent kind '{kind}'."]
-        for name in required - data.keys():
+        for name in AGENT_KINDS[kind].required - data.keys():
             errors[name] = [f"Required for agent kind '{kind}'."]
         if errors:
             raise ValidationError(errors)
@@ -145,7 +156,7 @@ class AgentSchema(Schema):
 def public_agent(agent: dict | None) -> dict:
     """The agent configuration as the API shows it: secrets replaced by ``<name>_set`` flags."""
     agent = dict(agent or {"kind": "none"})
-    for name in AGENT_SECRETS:
+    for name in SECRET_FIELDS:
         if name in agent:
             agent[f"{name}_set"] = bool(agent.pop(name))
     return agent
@@ -157,11 +168,11 @@ def _agent_kinds_document() -> dict:
     """AgentSchema._fields_for_kind as the OpenAPI document states it: one variant per kind."""
     return {"oneOf": [
         {"type": "object",
-         "properties": {"kind": {"type": "string", "enum": [kind]},
-                        **{name: {} for name in sorted(allowed)}},
-         "required": ["kind", *sorted(required)],
+         "properties": {"kind": {"type": "string", "enum": [name]},
+                        **{field: {} for field in sorted(kind.fields)}},
+         "required": ["kind", *sorted(kind.required)],
          "additionalProperties": False}
-        for kind, (allowed, required) in AGENT_FIELDS.items()]}
+        for name, kind in AGENT_KINDS.items()]}
 
 
 class WorkspaceCreateSchema(Schema):
@@ -185,17 +196,11 @@ class WorkspaceSchema(Schema):
     agent = fields.Function(lambda w: public_agent(w.agent), metadata={
         "type": "object", "required": ["kind"],
         "properties": {"kind": {"type": "string", "enum": list(AGENT_KINDS)}},
-        "not": {"anyOf": [{"required": [name]} for name in AGENT_SECRETS]}})  # never returned
+        "not": {"anyOf": [{"required": [name]} for name in SECRET_FIELDS]}})  # never returned
     created_at = UtcDateTime()
 
 
-@always_present
-class WorkspacePageSchema(Schema):
-    workspaces = fields.List(fields.Nested(WorkspaceSchema))
-    total = fields.Integer()
-    offset = fields.Integer()
-    limit = fields.Integer()
-    has_more = fields.Boolean()
+WorkspacePageSchema = page_schema("WorkspacePageSchema", "workspaces", WorkspaceSchema)
 
 
 # --- chats --------------------------------------------------------------------------------
@@ -216,8 +221,8 @@ class ChatCreateSchema(Schema):
             raise ValidationError("Must be a JSON object.") from exc
         if size > METADATA_MAX_BYTES:
             raise ValidationError(f"Must be at most {METADATA_MAX_BYTES} bytes as JSON.")
-        if "\\u0000" in json.dumps(value):
-            raise ValidationError("Must not contain NUL characters.")
+        if not all(is_text(string) for string in strings_in(value)):
+            raise ValidationError(TEXT_ERROR)
 
 
 @always_present
@@ -231,13 +236,7 @@ class ChatSchema(Schema):
     updated_at = UtcDateTime()
 
 
-@always_present
-class ChatPageSchema(Schema):
-    chats = fields.List(fields.Nested(ChatSchema))
-    total = fields.Integer()
-    offset = fields.Integer()
-    limit = fields.Integer()
-    has_more = fields.Boolean()
+ChatPageSchema = page_schema("ChatPageSchema", "chats", ChatSchema)
 
 
 class ConnectionStringRequestSchema(Schema):
@@ -305,13 +304,7 @@ class MessageListArgs(PaginationArgs):
     before_id = MessageIdArg()
 
 
-@always_present
-class MessagePageSchema(Schema):
-    messages = fields.List(fields.Nested(MessageSchema))
-    total = fields.Integer()
-    offset = fields.Integer()
-    limit = fields.Integer()
-    has_more = fields.Boolean()
+MessagePageSchema = page_schema("MessagePageSchema", "messages", MessageSchema)
 
 
 # --- errors and admin ---------------------------------------------------------------------

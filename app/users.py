@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from sqlalchemy.exc import IntegrityError
 
-from app.errors import ApiError
 from app.extensions import db
 from app.models import User
-from app.schemas import USER_ID_ERROR, is_valid_user_id
 
 
 def find_user(tenant_id: str, external_id: str) -> User | None:
@@ -29,9 +27,3 @@ def get_or_create_user(tenant_id: str, external_id: str) -> User:
         db.session.rollback()
     return find_user(tenant_id, external_id)
 
-
-def require_valid_user_id(user_id: str) -> None:
-    """Raise ``validation_error`` unless ``user_id`` (from a URL) is well-formed."""
-    if not is_valid_user_id(user_id):
-        raise ApiError("validation_error", "The user id is not valid.",
-                       {"user_id": [USER_ID_ERROR]})

@@ -227,3 +227,27 @@ def test_an_error_response_is_json_with_the_envelope_only(tenant):
     assert r.is_json
     assert r.mimetype == "application/json"
     assert_error(r, 404, "chat_not_found")
+
+
+def test_http_errors_go_to_the_one_renderer_not_flask_smorests(app):
+    # create_app registers it after api.init_app, replacing the handler flask-smorest binds.
+    from werkzeug.exceptions import HTTPException
+
+    from app.errors import handle_http_exception
+
+    assert app.error_handler_spec[None][None][HTTPException] is handle_http_exception
+
+
+def test_a_string_that_is_not_text_is_refused_with_the_one_text_message(tenant):
+    from app.text import TEXT_ERROR
+
+    error = assert_error(tenant.api.post("/api/v1/workspaces", json={
+        "owner_id": "alice", "name": "nul\x00byte"}), 400, "validation_error")
+    assert error["details"] == {"name": [TEXT_ERROR]}
+    for metadata in ({"note": "a\x00b"}, {"a\x00b": 1}, {"deep": [{"x": ["\x00"]}]}):
+        error = assert_error(tenant.api.post("/api/v1/chats/", json={
+            "user_id": "alice", "metadata": metadata}), 400, "validation_error")
+        assert error["details"] == {"metadata": [TEXT_ERROR]}, metadata
+    # A backslash, then "u0000", is text: only a real NUL is refused.
+    chat = tenant.chat("alice", metadata={"note": "\\u0000"})
+    assert chat["metadata"] == {"note": "\\u0000"}

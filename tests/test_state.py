@@ -3,7 +3,7 @@ import uuid
 
 import pytest
 
-from app.state import MemoryState
+from app.state.memory import MemoryState
 from tests.conftest import REDIS_TEST_URL, service_missing
 
 
@@ -14,7 +14,7 @@ def state(request):
         return
     import redis
 
-    from app.state_redis import RedisState
+    from app.state.redis import RedisState
 
     prefix = f"wc-test-{uuid.uuid4().hex[:8]}:"
     state = RedisState(REDIS_TEST_URL, prefix=prefix)
@@ -69,7 +69,7 @@ def test_stop_signal_reaches_only_the_reply_it_names(state):
 def test_redis_connection_lease_renewal_keeps_live_connections_counted():
     import redis
 
-    from app.state_redis import RedisState
+    from app.state.redis import RedisState
 
     state = RedisState(REDIS_TEST_URL, prefix=f"wc-test-{uuid.uuid4().hex[:8]}:")
     try:
@@ -106,7 +106,8 @@ def test_stream_progress_holds_the_tokens_so_far_of_the_named_reply(state):
 
 
 def test_without_redis_the_resilient_state_keeps_serving_from_this_process():
-    from app.state_redis import RedisState, ResilientState
+    from app.state.redis import RedisState
+    from app.state.resilient import ResilientState
 
     # Nothing listens on port 1: every Redis call fails at once.
     state = ResilientState(RedisState("redis://127.0.0.1:1/0"))
@@ -126,7 +127,8 @@ def test_without_redis_the_resilient_state_keeps_serving_from_this_process():
 def test_a_string_spent_while_redis_was_away_stays_spent_when_it_returns():
     import redis
 
-    from app.state_redis import RedisState, ResilientState
+    from app.state.redis import RedisState
+    from app.state.resilient import ResilientState
 
     primary = RedisState(REDIS_TEST_URL, prefix=f"wc-test-{uuid.uuid4().hex[:8]}:")
     try:
@@ -138,3 +140,57 @@ def test_a_string_spent_while_redis_was_away_stays_spent_when_it_returns():
     assert resilient.spend("spent-offline", 60) is False
     assert resilient.is_spent("spent-offline")
     assert resilient.spend("fresh", 60) is True and resilient.spend("fresh", 60) is False
+
+
+def _protocol_members():
+    from app.state import SharedState
+
+    methods = {name: value for name, value in vars(SharedState).items()
+               if callable(value) and not name.startswith("_")}
+    return methods, SharedState.__annotations__
+
+
+@pytest.mark.parametrize("implementation", ["MemoryState", "RedisState", "ResilientState"])
+def test_every_implementation_has_the_whole_protocol_with_its_signatures(implementation):
+    import inspect
+
+    from app.state.redis import RedisState
+    from app.state.resilient import ResilientState
+
+    cls = {"MemoryState": MemoryState, "RedisState": RedisState,
+           "ResilientState": ResilientState}[implementation]
+    methods, attributes = _protocol_members()
+    assert {"refresh_connections", "spend", "chat_lock"} <= methods.keys()
+    for name, method in methods.items():
+        assert callable(getattr(cls, name, None)), f"{implementation}.{name} is missing"
+        wanted = [(p.name, p.kind) for p in inspect.signature(method).parameters.values()]
+        given = [(p.name, p.kind) for p in inspect.signature(getattr(cls, name)).parameters.values()]
+        assert given == wanted, f"{implementation}.{name}{given} is not {wanted}"
+    # Attributes are set on the instance (nothing here connects: redis-py connects lazily).
+    instance = (MemoryState(connection_lease=7) if cls is MemoryState else
+                RedisState("redis://127.0.0.1:1/0", connection_lease=7) if cls is RedisState
+                else ResilientState(RedisState("redis://127.0.0.1:1/0", connection_lease=7)))
+    assert set(attributes) == {"connection_lease", "connections_expire"}
+    assert instance.connection_lease == 7
+    assert instance.connections_expire is (cls is not MemoryState)
+
+
+def test_create_state_picks_memory_without_redis_and_the_resilient_redis_state_with_it():
+    from app.state import create_state
+    from app.state.resilient import ResilientState
+
+    memory = create_state(None, connection_lease=9)
+    assert isinstance(memory, MemoryState) and memory.connection_lease == 9
+    on_redis = create_state("redis://127.0.0.1:1/0", connection_lease=9)
+    assert isinstance(on_redis, ResilientState) and on_redis.connection_lease == 9
+
+
+def test_renewing_connections_in_memory_changes_no_count():
+    state = MemoryState()
+    assert state.acquire_connection("t", "s1", 2) and state.acquire_connection("t", "s2", 2)
+    state.release_connection("t", "s2")
+    state.refresh_connections({"t": ["s1", "s2"], "other": ["s9"], "empty": []})
+    assert state.connection_count("t") == 1  # s2 stays released
+    assert state.connection_count("other") == 0  # a renewal counts nothing new
+    assert state.acquire_connection("t", "s3", 2) is True
+    assert state.acquire_connection("t", "s4", 2) is False

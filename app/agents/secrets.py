@@ -22,7 +22,7 @@ from flask import current_app
 from app.agents.base import AgentError
 
 PREFIX = "enc:v1:"
-#: Agent fields that are secrets (app.schemas.AGENT_SECRETS says the same).
+#: Agent fields that are secrets: stored sealed, never returned (app.schemas.public_agent).
 SECRET_FIELDS = ("api_key", "secret")
 _INFO = b"workspace-chat agent secrets v1"
 

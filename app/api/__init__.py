@@ -17,28 +17,11 @@ from app.auth import rate_limit_key, require_api_key, rest_rate_limit
 from app.errors import ApiError
 from app.extensions import limiter
 from app.jsondepth import MAX_JSON_DEPTH, too_deep
+from app.text import has_lone_surrogate, strings_in
 
 
 #: A \uD800-\uDFFF escape somewhere in a body: only then can a string hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _holds_lone_surrogate(node: Any) -> bool:
-    """Whether parsed JSON holds a string that is not text (a lone surrogate: no UTF-8 for it)."""
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 class JsonTooDeep(json.JSONDecodeError):
@@ -90,7 +73,7 @@ class JsonBodyParser(FlaskParser):
                            {"max_depth": MAX_JSON_DEPTH}) from None
         # JSON's grammar lets "\ud800" stand alone, but it is no character: no database can
         # store it (I-JSON, RFC 7493, refuses it for that reason).
-        if _SURROGATE_ESCAPE.search(data) and _holds_lone_surrogate(parsed):
+        if _SURROGATE_ESCAPE.search(data) and any(map(has_lone_surrogate, strings_in(parsed))):
             raise ApiError("invalid_json", "The request body is not valid JSON: a string holds "
                            "a lone surrogate (\\ud800-\\udfff), which is not text.")
         return parsed

@@ -18,7 +18,7 @@ from app.chat.chats import get_chat, require_participant
 from app.errors import ApiError
 from app.extensions import db
 from app.models import ApiKey, Tenant, User, utcnow
-from app.schemas import MAX_ID, USER_ID_ERROR, is_valid_user_id
+from app.schemas import MAX_ID, require_valid_user_id
 from app.state import SharedState
 from app.text import TEXT_ERROR, is_text
 from app.tokens import claims_or_refuse
@@ -104,9 +104,7 @@ def authorize_connection(sid: str, auth: Any, query: Mapping[str, Any]) -> tuple
                                "connection string has been revoked; ask for a new one.")
         user_id = claims["u"]
     else:
-        if not is_valid_user_id(user_id):
-            raise ApiError("validation_error", "The user id is not valid.",
-                           {"user_id": [USER_ID_ERROR]})
+        require_valid_user_id(user_id)
         key = find_api_key(api_key)
         if key is None:
             raise ApiError("invalid_api_key", "The API key is not valid.")

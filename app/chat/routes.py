@@ -6,8 +6,8 @@ from app.chat import chats
 from app.pagination import PaginationArgs
 from app.schemas import (ChatCreateSchema, ChatPageSchema, ChatSchema,
                          ConnectionStringRequestSchema, ConnectionStringSchema,
-                         MessageListArgs, MessagePageSchema, USER_ID_PATH_PARAMETER)
-from app.users import require_valid_user_id
+                         MessageListArgs, MessagePageSchema, USER_ID_PATH_PARAMETER,
+                         require_valid_user_id)
 
 bp = tenant_blueprint("chats", __name__, "/api/v1/chats", "Chats and their message history.")
 chat_bp = tenant_blueprint("chat", __name__, "/chat",

@@ -1,11 +1,11 @@
 """REST routes for workspaces and their members."""
 from flask import g
+from flask.views import MethodView
 
 from app.api import tenant_blueprint
 from app.pagination import PaginationArgs
 from app.schemas import (USER_ID_PATH_PARAMETER, WorkspaceCreateSchema, WorkspacePageSchema,
-                         WorkspaceSchema, WorkspaceUpdateSchema)
-from app.users import require_valid_user_id
+                         WorkspaceSchema, WorkspaceUpdateSchema, require_valid_user_id)
 from app.workspaces import service
 
 bp = tenant_blueprint("workspaces", __name__, "/api/v1/workspaces",
@@ -52,21 +52,23 @@ def delete_workspace(workspace_id):
     service.delete_workspace(service.get_workspace(g.tenant, workspace_id))
 
 
-@bp.route("/<workspace_id>/members/<user_id>", methods=["PUT"],
-          parameters=[USER_ID_PATH_PARAMETER])
-@bp.response(204)
-def add_member(workspace_id, user_id):
-    """Make a user a member of the workspace (idempotent)."""
-    workspace = service.get_workspace(g.tenant, workspace_id)
-    require_valid_user_id(user_id)
-    service.add_member(g.tenant, workspace, user_id)
+@bp.route("/<workspace_id>/members/<user_id>", parameters=[USER_ID_PATH_PARAMETER])
+class Member(MethodView):
+    """A workspace's member: both methods are idempotent."""
+
+    @bp.response(204)
+    def put(self, workspace_id, user_id):
+        """Make a user a member of the workspace (idempotent)."""
+        service.add_member(g.tenant, *_workspace_and_user(workspace_id, user_id))
+
+    @bp.response(204)
+    def delete(self, workspace_id, user_id):
+        """Remove a member from the workspace (idempotent)."""
+        service.remove_member(g.tenant, *_workspace_and_user(workspace_id, user_id))
 
 
-@bp.route("/<workspace_id>/members/<user_id>", methods=["DELETE"],
-          parameters=[USER_ID_PATH_PARAMETER])
-@bp.response(204)
-def remove_member(workspace_id, user_id):
-    """Remove a member from the workspace (idempotent)."""
+def _workspace_and_user(workspace_id: str, user_id: str):
+    """The tenant's workspace, then the user id once it is checked (in that order)."""
     workspace = service.get_workspace(g.tenant, workspace_id)
     require_valid_user_id(user_id)
-    service.remove_member(g.tenant, workspace, user_id)
+    return workspace, user_id

@@ -6,13 +6,12 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 
-from app.agents.secrets import has_plaintext, seal_agent
+from app.agents.secrets import SECRET_FIELDS, has_plaintext, seal_agent
 from app.chat import revocation
 from app.errors import ApiError
 from app.extensions import db
 from app.models import Chat, Tenant, User, Workspace, WorkspaceMember, may_be_id
 from app.pagination import paginate
-from app.schemas import AGENT_SECRETS
 from app.users import find_user, get_or_create_user
 
 DEFAULT_WORKSPACE_NAME = "Personal"
@@ -72,7 +71,7 @@ def merge_agent(current: dict[str, Any] | None, new: dict[str, Any]) -> dict[str
     merged = dict(new)
     current = current or {}
     if current.get("kind") == new.get("kind"):
-        for name in AGENT_SECRETS:
+        for name in SECRET_FIELDS:
             if name not in new and current.get(name):
                 merged[name] = current[name]
     return seal_agent({k: v for k, v in merged.items() if v is not None})

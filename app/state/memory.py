@@ -1,75 +1,14 @@
-"""Shared runtime state behind one small interface: in memory for one process, Redis for many.
-
-What lives here is what every process serving a tenant must agree on: spent message strings,
-connection counts per tenant, busy chats (an agent reply streaming) and stop signals.
-"""
+"""SharedState for a single process, and the per-name locks every implementation uses."""
 from __future__ import annotations
 
 import heapq
 import threading
 import time
-from dataclasses import dataclass
 import weakref
 from contextlib import contextmanager
-from typing import ContextManager, Iterator, Protocol
+from typing import ContextManager, Iterator
 
-
-class SharedState(Protocol):
-    def spend(self, key: str, ttl: float) -> bool:
-        """Mark ``key`` used for ``ttl`` seconds; False if it already was."""
-
-    def is_spent(self, key: str) -> bool:
-        """Whether ``key`` has been spent (and not yet forgotten)."""
-
-    def acquire_connection(self, tenant_id: str, sid: str, limit: int) -> bool:
-        """Count a connection for a tenant unless it already has ``limit``."""
-
-    def release_connection(self, tenant_id: str, sid: str) -> None:
-        """Stop counting a connection (idempotent)."""
-
-    def connection_count(self, tenant_id: str) -> int:
-        """How many connections the tenant has open."""
-
-    def mark_busy(self, chat_id: str, owner: str, ttl: float) -> bool:
-        """Mark a chat busy (a reply is streaming) unless it already is."""
-
-    def clear_busy(self, chat_id: str, owner: str) -> None:
-        """Free a chat, if ``owner`` is the one who marked it busy."""
-
-    def busy_owner(self, chat_id: str) -> str | None:
-        """Who marked the chat busy, or None when it is free."""
-
-    def request_stop(self, chat_id: str, owner: str, ttl: float) -> None:
-        """Ask the reply ``owner`` streaming in a chat to stop."""
-
-    def stop_requested(self, chat_id: str, owner: str) -> bool:
-        """Whether someone asked the reply ``owner`` to stop."""
-
-    def stream_begin(self, chat_id: str, message_id: str, reply_to: str, ttl: float) -> None:
-        """A reply started streaming in a chat."""
-
-    def stream_append(self, chat_id: str, message_id: str, token: str) -> None:
-        """One more token of the chat's streaming reply."""
-
-    def stream_progress(self, chat_id: str) -> StreamProgress | None:
-        """The reply streaming in a chat so far, or None."""
-
-    def stream_end(self, chat_id: str, message_id: str) -> None:
-        """The chat's reply has ended."""
-
-    def chat_lock(self, chat_id: str) -> ContextManager[None]:
-        """Held while a chat's message is stored and broadcast, so that every client gets a
-        chat's messages in the order of their ids."""
-
-
-@dataclass(frozen=True)
-class StreamProgress:
-    """A streaming reply as far as it got: what a client joining mid-stream needs."""
-
-    message_id: str
-    reply_to: str
-    content: str
-    tokens: int
+from app.state.protocol import StreamProgress
 
 
 class _Lock:
@@ -99,7 +38,10 @@ class LocalLocks:
 class MemoryState:
     """SharedState for a single process (green threads or OS threads alike)."""
 
-    def __init__(self) -> None:
+    connections_expire = False  # a connection counts until it is released
+
+    def __init__(self, connection_lease: float = 60.0) -> None:
+        self.connection_lease = connection_lease
         self._lock = threading.Lock()
         self._spent: dict[str, float] = {}
         self._expiry: list[tuple[float, str]] = []
@@ -139,6 +81,10 @@ class MemoryState:
                 return False
             sids.add(sid)
             return True
+
+    def refresh_connections(self, by_tenant: dict[str, list[str]]) -> None:
+        """Nothing to renew: in one process a connection counts until it is released, and a
+        renewal never counts a connection again once it has been released."""
 
     def release_connection(self, tenant_id: str, sid: str) -> None:
         with self._lock:
@@ -184,7 +130,6 @@ class MemoryState:
             expires = self._stops.get((chat_id, owner))
             return expires is not None and expires > time.monotonic()
 
-
     def stream_begin(self, chat_id: str, message_id: str, reply_to: str, ttl: float) -> None:
         with self._lock:
             self._streams[chat_id] = (message_id, reply_to, [])
@@ -210,12 +155,3 @@ class MemoryState:
 
     def chat_lock(self, chat_id: str) -> ContextManager[None]:
         return self._chat_locks.hold(chat_id)
-
-
-def create_state(redis_url: str | None, connection_lease: float = 60.0) -> SharedState:
-    """The state implementation for this configuration."""
-    if redis_url:
-        from app.state_redis import RedisState, ResilientState
-
-        return ResilientState(RedisState(redis_url, connection_lease=connection_lease))
-    return MemoryState()

@@ -8,7 +8,8 @@ from typing import Iterator
 
 import redis
 
-from app.state import LocalLocks, StreamProgress
+from app.state.memory import LocalLocks
+from app.state.protocol import StreamProgress
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ return 1
 
 class RedisState:
     """SharedState for several processes sharing one Redis."""
+
+    connections_expire = True  # unless their process renews them: see refresh_connections
 
     def __init__(self, url: str, prefix: str = "wc:", connection_lease: float = 60.0) -> None:
         self.redis = redis.Redis.from_url(url, decode_responses=True,
@@ -162,95 +165,3 @@ class RedisState:
                         lock.release()
                     except redis.RedisError:
                         pass  # it expires by itself
-
-
-class ResilientState:
-    """RedisState that keeps a process serving its own clients while Redis is away.
-
-    Each call goes to Redis; when Redis cannot be reached it goes to a MemoryState instead
-    (what only this process knows: its own spent strings, connections, busy chats), and back
-    to Redis as soon as Redis answers again. Strings spent during the outage stay refused.
-    """
-
-    def __init__(self, primary: RedisState) -> None:
-        from app.state import MemoryState
-
-        self.primary = primary
-        self.fallback = MemoryState()
-        self.redis = primary.redis
-        self.connection_lease = primary.connection_lease
-        self._warned_at = 0.0
-
-    def _call(self, name: str, *args, **kwargs):
-        try:
-            return getattr(self.primary, name)(*args, **kwargs)
-        except redis.RedisError:
-            now = time.monotonic()
-            if now - self._warned_at > 10:
-                self._warned_at = now
-                log.warning("Redis unreachable: shared state falls back to this process")
-            return getattr(self.fallback, name)(*args, **kwargs)
-
-    def _mirror(self, name: str, *args) -> None:
-        """A write this process keeps in memory anyway: Redis too, when it is there."""
-        getattr(self.fallback, name)(*args)
-        try:
-            getattr(self.primary, name)(*args)
-        except redis.RedisError:
-            pass
-
-    def spend(self, key: str, ttl: float) -> bool:
-        if self.fallback.is_spent(key):
-            return False
-        try:
-            first = self.primary.spend(key, ttl)
-        except redis.RedisError:
-            first = True  # not spent here, and Redis cannot say otherwise now
-        self.fallback.spend(key, ttl)  # remembered here too, in case Redis goes away
-        return first
-
-    def is_spent(self, key: str) -> bool:
-        return self.fallback.is_spent(key) or self._call("is_spent", key)
-
-    def acquire_connection(self, tenant_id: str, sid: str, limit: int) -> bool:
-        return self._call("acquire_connection", tenant_id, sid, limit)
-
-    def refresh_connections(self, by_tenant: dict[str, list[str]]) -> None:
-        self.primary.refresh_connections(by_tenant)
-
-    def release_connection(self, tenant_id: str, sid: str) -> None:
-        self._mirror("release_connection", tenant_id, sid)
-
-    def connection_count(self, tenant_id: str) -> int:
-        return self._call("connection_count", tenant_id)
-
-    def mark_busy(self, chat_id: str, owner: str, ttl: float) -> bool:
-        return self._call("mark_busy", chat_id, owner, ttl)
-
-    def clear_busy(self, chat_id: str, owner: str) -> None:
-        self._mirror("clear_busy", chat_id, owner)
-
-    def busy_owner(self, chat_id: str) -> str | None:
-        return self._call("busy_owner", chat_id)
-
-    def request_stop(self, chat_id: str, owner: str, ttl: float) -> None:
-        self._mirror("request_stop", chat_id, owner, ttl)
-
-    def stop_requested(self, chat_id: str, owner: str) -> bool:
-        return self.fallback.stop_requested(chat_id, owner) or self._call(
-            "stop_requested", chat_id, owner)
-
-    def stream_begin(self, chat_id: str, message_id: str, reply_to: str, ttl: float) -> None:
-        self._mirror("stream_begin", chat_id, message_id, reply_to, ttl)
-
-    def stream_append(self, chat_id: str, message_id: str, token: str) -> None:
-        self._mirror("stream_append", chat_id, message_id, token)
-
-    def stream_progress(self, chat_id: str):
-        return self._call("stream_progress", chat_id)
-
-    def stream_end(self, chat_id: str, message_id: str) -> None:
-        self._mirror("stream_end", chat_id, message_id)
-
-    def chat_lock(self, chat_id: str):
-        return self.primary.chat_lock(chat_id)
