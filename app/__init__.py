@@ -30,13 +30,14 @@ def _init_realtime(app: "Flask") -> None:
     from app.chat.events import chat_namespace
     from app.chat.packets import StrictPacket, refuse_malformed_input
     from app.extensions import socketio
+    from app.overrides import warn_on_other_versions
+    from app.overrides.engineio import allow_batched_packets
     from app.state import create_state
 
-    from engineio.payload import Payload
-
+    warn_on_other_versions(app.logger)
     # A long-polling client may batch more than engineio's default of 16 packets in one
     # request (a burst of typing events and messages); refusing it would drop the client.
-    Payload.max_decode_packets = max(Payload.max_decode_packets, 100)  # never lower it
+    allow_batched_packets(100)
     redis_url = app.config.get("REDIS_URL")
     app.extensions["chat_state"] = create_state(redis_url,
                                                 app.config["CONNECTION_LEASE_SECONDS"])

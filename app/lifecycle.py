@@ -8,7 +8,6 @@ reconnect elsewhere with ``last_message_id`` and miss nothing), then lets gunico
 """
 from __future__ import annotations
 
-import errno
 import signal
 import socket
 import time
@@ -58,12 +57,10 @@ class OpenWebSockets:
                 sock.shutdown(socket.SHUT_RDWR)  # its reader wakes up to the end of the stream
             except OSError:  # closed under a reader that will never wake up
                 self.requests.pop(request, None)
-                if self.async_mode == "eventlet" and not request.dead:
-                    from eventlet import kill
+                if self.async_mode == "eventlet":
+                    from app.overrides.eventlet import end_request
 
-                    # what the reader would have got from a reset connection; eventlet's
-                    # websocket ends the request quietly on it
-                    kill(request, ConnectionResetError(errno.ECONNRESET, "closed at shutdown"))
+                    end_request(request)
 
 
 def end_replies(app: Flask) -> bool:
@@ -91,7 +88,7 @@ def close_connections(app: Flask) -> None:
     """Disconnect this process's clients, and any that still get in, until it exits."""
     from app.chat.events import chat_namespace
     from app.chat.rooms import NAMESPACE
-    from app.chat.packets import end_session
+    from app.overrides.engineio import end_session
     from app.extensions import socketio
 
     with app.app_context():

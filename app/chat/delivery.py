@@ -16,7 +16,9 @@ from collections import deque
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from socketio import Manager, RedisManager
+from socketio import Manager
+
+from app.overrides.socketio import RedisRelayManager
 
 from app.chat.rooms import is_chat_room
 
@@ -205,12 +207,12 @@ class ChatManager(GateMixin, Manager):
     """The client manager for one process."""
 
 
-class ChatRedisManager(RedisManager, ChatManager):
+class ChatRedisManager(RedisRelayManager, ChatManager):
     """The client manager when REDIS_URL is set: broadcasts reach every process.
 
-    MRO: RedisManager -> PubSubManager -> ChatManager -> GateMixin -> Manager, so an event
-    published by any process is delivered here by PubSubManager._handle_emit through
-    GateMixin.emit.
+    MRO: RedisRelayManager -> RedisManager -> PubSubManager -> ChatManager -> GateMixin ->
+    Manager, so an event published by any process is delivered here by python-socketio
+    (RedisRelayManager.deliver_emit) through GateMixin.emit.
     """
 
     #: Chat-room events are published with this host id, which is no process's own, so every
@@ -234,74 +236,37 @@ class ChatRedisManager(RedisManager, ChatManager):
         # PubSubManager delivers to its own clients first and publishes after, so two
         # processes could show a chat's messages in different orders. A chat's events go
         # through the channel only; if Redis is away, this process's clients still get them.
-        message = {"method": "emit", "event": event,
-                   "data": list(data) if isinstance(data, tuple) else [data],
-                   "binary": False, "namespace": namespace or "/", "room": target,
-                   "skip_sid": skip_sid, "callback": None, "host_id": self.RELAY_HOST}
-        if not self._relay(message):
-            self._handle_emit(message)
+        message = self.emit_message(event, data, namespace, target, skip_sid, self.RELAY_HOST)
+        if not self.relay(message):
+            self.deliver_emit(message)
 
     def disconnect_room(self, namespace: str, room: str) -> None:
         """Disconnect the room's clients on every process (after events already sent)."""
-        message = {"method": "close_room", "room": room, "namespace": namespace,
-                   "host_id": self.RELAY_HOST, "disconnect": True}
-        if not self._relay(message):
-            self._handle_close_room(message)
+        message = self.close_room_message(room, namespace, self.RELAY_HOST, disconnect=True)
+        if not self.relay(message):
+            self.on_close_room(message)
 
     def end_sessions(self, match: dict[str, Any], error: dict[str, Any]) -> None:
         """End the matching connections of every process (each process ends its own)."""
         # Published as an "emit" (python-socketio's listener ignores methods it does not
-        # know), recognised by its "end_sessions" key in _handle_emit.
+        # know), recognised by its "end_sessions" key in on_emit.
         message = {"method": "emit", "end_sessions": True, "match": match, "error": error,
                    "host_id": self.RELAY_HOST}
-        if not self._relay(message):
+        if not self.relay(message):
             self._end_local_sessions(match, error)
 
-    def _handle_emit(self, message):
+    def on_emit(self, message: dict) -> None:
         if message.get("end_sessions"):
             self._end_local_sessions(message["match"], message["error"])
             return
-        super()._handle_emit(message)
+        self.deliver_emit(message)
 
-    def _relay(self, message: dict) -> bool:
-        """Publish for every process; False when this process will not hear it back (Redis
-        away, or this process's subscription not restored yet), so it must deliver it."""
-        if not self.listening:
-            self._publish(message)  # other processes may be subscribed
-            return False
-        receivers = self._publish(message)
-        return bool(receivers)
-
-    listening = False
-
-    def _redis_listen_with_retries(self):
-        # python-socketio's loop, plus the `listening` flag, and retries capped at 5 s (not
-        # 60 s): while this process is not subscribed, it delivers its own events itself.
-        retry_sleep = 1
-        subscribed = False
-        while True:
-            try:
-                if not subscribed:
-                    self._redis_connect()
-                    self.pubsub.subscribe(self.channel)
-                    subscribed = True
-                    retry_sleep = 1
-                self.listening = True
-                yield from self.pubsub.listen()
-            except Exception as exc:
-                self.listening = False
-                self._get_logger().error("Cannot receive from redis; retrying in %s s (%s)",
-                                         retry_sleep, exc)
-                subscribed = False
-                time.sleep(retry_sleep)
-                retry_sleep = min(retry_sleep * 2, 5)
-
-    def _handle_close_room(self, message):
+    def on_close_room(self, message: dict) -> None:
         if message.get("disconnect"):
             self._close_listeners(message["room"])
             for sid, _ in list(self.get_participants(message["namespace"], message["room"])):
                 self.server.disconnect(sid, namespace=message["namespace"], ignore_queue=True)
-        super()._handle_close_room(message)
+        self.deliver_close_room(message)
 
 
 class WithoutWebSocketCompression:

@@ -20,50 +20,19 @@ from urllib.parse import parse_qs
 
 from engineio import packet as eio_packet
 from engineio import payload as eio_payload
-from socketio import packet
 
-#: Event names a client may not emit (socket.io-parser refuses them too).
-RESERVED_EVENTS = frozenset({"connect", "connect_error", "disconnect", "disconnecting",
-                             "newListener", "removeListener"})
+from app.overrides import engineio as eio_overrides
+from app.overrides.eventlet import bound_message_size
+from app.overrides.simple_websocket import limit_reader
+from app.overrides.socketio import (MalformedPacket, StrictPacket, awaits_attachment,
+                                    forget_binary_packet, forget_session)
+
+__all__ = ["MalformedPacket", "StrictPacket", "refuse_malformed_input", "end_session"]
+
 #: What python-engineio accepts from a client; any other type ends the session.
 _CLIENT_EIO_PACKET_TYPES = (eio_packet.CLOSE, eio_packet.PONG, eio_packet.MESSAGE,
                             eio_packet.UPGRADE)
-_CLIENT_PACKET_TYPES = (packet.CONNECT, packet.DISCONNECT, packet.EVENT, packet.ACK,
-                        packet.BINARY_EVENT, packet.BINARY_ACK)
-
-
-class MalformedPacket(ValueError):
-    """A Socket.IO packet that cannot be decoded or has an invalid shape."""
-
-
-class StrictPacket(packet.Packet):
-    """python-socketio's packet, refusing malformed input with MalformedPacket."""
-
-    def decode(self, encoded_packet: Any) -> int:
-        if not isinstance(encoded_packet, str):
-            raise MalformedPacket("binary frame without a binary packet header")
-        try:
-            attachments = super().decode(encoded_packet)
-        except (ValueError, TypeError, RecursionError) as exc:
-            raise MalformedPacket(f"undecodable packet ({type(exc).__name__}: "
-                                  f"{str(exc)[:80]})") from None
-        if self.packet_type not in _CLIENT_PACKET_TYPES:
-            raise MalformedPacket(f"packet type {self.packet_type!r} is not sent by clients")
-        if self.packet_type in (packet.EVENT, packet.BINARY_EVENT):
-            if not isinstance(self.data, list) or not self.data \
-                    or not isinstance(self.data[0], str) or self.data[0] in RESERVED_EVENTS:
-                raise MalformedPacket("an event must be [name, ...args] with a non-reserved "
-                                      "name")
-        elif self.packet_type in (packet.ACK, packet.BINARY_ACK) \
-                and not isinstance(self.data, list):
-            raise MalformedPacket("an ack must be a list of arguments")
-        return attachments
-
-    def add_attachment(self, attachment: Any) -> bool:
-        try:
-            return super().add_attachment(attachment)
-        except (ValueError, TypeError, IndexError, KeyError) as exc:
-            raise MalformedPacket(f"bad binary attachment ({type(exc).__name__})") from None
+end_session = eio_overrides.end_session
 
 
 def _is_engineio_packet(frame: Any) -> bool:
@@ -89,9 +58,8 @@ class _FrameGuard:
         self._logger = logger
         self._session = session
         self._sleep = sleep
-        if max_message and isinstance(getattr(ws, "Message", None), type):
-            # eventlet bounds each frame, not a message made of many fragments
-            ws.Message = _bounded_message(ws.Message, max_message)
+        if max_message:
+            bound_message_size(ws, max_message)
 
     def wait(self) -> Any:
         if self._session is not None and self._session.closed:
@@ -120,56 +88,40 @@ class _FrameGuard:
         return getattr(self._ws, name)
 
 
-def _bounded_message(message_class: type, limit: int) -> type:
-    """eventlet's websocket message, failing the connection (1009) past ``limit`` bytes."""
-    from eventlet.websocket import FailedConnectionError
-
-    class BoundedMessage(message_class):
-        size = 0
-
-        def push(self, data: bytes, final: bool = False) -> None:
-            self.size += len(data)
-            if self.size > limit:
-                raise FailedConnectionError(1009, f"Incoming message is above {limit} bytes.")
-            super().push(data, final)
-
-    return BoundedMessage
-
-
-def _forget_session(server: Any, eio_sid: str) -> None:
-    """Drop what a packet handled after its session ended left behind (a CONNECT registers
-    the namespace session before it fails)."""
-    server._binary_packet.pop(eio_sid, None)
-    manager = server.manager
-    for namespace in list(manager.get_namespaces()):
-        sid = manager.sid_from_eio_sid(eio_sid, namespace)
-        if sid is not None:
-            manager.disconnect(sid, namespace, ignore_queue=True)
-
-
-def end_session(eio: Any, eio_sid: str) -> None:
-    """Close an Engine.IO session without waiting for its queue to drain.
-
-    ``eio.disconnect`` waits until the client has fetched the close packet; a long-polling
-    client that has no GET pending would keep the request that called it (its own POST)
-    open for ever, and with it the process's shutdown.
-    """
-    socket = eio.sockets.pop(eio_sid, None)
-    if socket is not None:
-        socket.close(wait=False, reason=eio.reason.SERVER_DISCONNECT)
-
-
 def refuse_malformed_input(server: Any, logger: logging.Logger,
                            body_timeout: float = 10) -> None:
     """Close, with one warning, connections that send malformed packets to ``server``
     (a socketio.Server created with ``serializer=StrictPacket``)."""
     eio = server.eio
-    handle_message = eio.handlers["message"]
+    eio_overrides.wrap_message_handler(
+        eio, lambda handle_message: _refusing_messages(server, logger, handle_message))
+    eio_overrides.wrap_handle_request(
+        eio, lambda handle_request: _refusing_requests(eio, logger, handle_request,
+                                                       body_timeout))
+    max_message = int(eio.max_http_buffer_size)
+    eio_overrides.guard_websockets(
+        eio,
+        wrap=lambda ws, session: _FrameGuard(ws, logger, session, eio.sleep, max_message),
+        on_request=_note_tcp_socket,
+        # simple-websocket (gevent) reads a message of any size unless told, and reads
+        # frames as fast as they come into a list of its own
+        configure_reader=lambda server_args, session: limit_reader(
+            server_args, max_message, eio.sleep, session, MAX_BUFFERED_FRAMES))
+
+
+def _note_tcp_socket(session: Any, environ: dict) -> None:
+    if session is not None:
+        session.tcp = environ.get("gunicorn.socket")  # see app/chat/transport.py
+
+
+def _refusing_messages(server: Any, logger: logging.Logger, handle_message: Any) -> Any:
+    """python-socketio's Engine.IO message handler, refusing what is not a Socket.IO packet."""
+    eio = server.eio
 
     def on_message(eio_sid: str, data: Any) -> None:
         try:
             if not isinstance(data, (str, bytes)) or (
-                    not data and eio_sid not in server._binary_packet):
+                    not data and not awaits_attachment(server, eio_sid)):
                 # Engine.IO hands over "4", "4null", "4{...}" as '', None, a dict; an empty
                 # text or binary frame is not even decoded (python-socketio reads it as an
                 # event of None) unless it is an awaited (empty) binary attachment
@@ -180,17 +132,23 @@ def refuse_malformed_input(server: Any, logger: logging.Logger,
                 # the session ended while this packet waited for its turn (each packet is
                 # handled in its own task): python-socketio fails on the missing session
                 logger.info("dropped a packet of a Socket.IO session that has ended")
-                _forget_session(server, eio_sid)
+                forget_session(server, eio_sid)
                 return
             if not isinstance(exc, ValueError):
                 raise
             # MalformedPacket, or python-socketio's own refusals
             logger.warning("closing a Socket.IO connection that sent a malformed packet: %s",
                            exc)
-            server._binary_packet.pop(eio_sid, None)
+            forget_binary_packet(server, eio_sid)
             end_session(eio, eio_sid)
 
-    eio.on("message", on_message)
+    return on_message
+
+
+def _refusing_requests(eio: Any, logger: logging.Logger, handle_request: Any,
+                       body_timeout: float) -> Any:
+    """python-engineio's request handler, refusing long-polling bodies that are too large,
+    too slow or malformed, and throttling the others."""
 
     # A long-polling POST whose body is not an Engine.IO payload (invalid UTF-8, a packet
     # that is not one, JSON nested too deeply) is logged by python-engineio with a traceback
@@ -198,7 +156,6 @@ def refuse_malformed_input(server: Any, logger: logging.Logger,
     # a body over max_http_buffer_size (python-engineio then waited for ever for a GET to
     # fetch the close packet, holding the POST, its descriptor and the process's shutdown),
     # and one that does not arrive within ``body_timeout`` seconds.
-    handle_request = eio.handle_request
 
     def refuse(sid: str | None, status: str, why: str, environ: dict,
                start_response: Any) -> Any:
@@ -253,63 +210,11 @@ def refuse_malformed_input(server: Any, logger: logging.Logger,
                 eio.sleep(delay)
         return handle_request(environ, start_response)
 
-    eio.handle_request = guarded_handle_request
-
-    websocket_class = eio._async.get("websocket")
-    if websocket_class is not None:
-        max_message = int(eio.max_http_buffer_size)
-
-        class GuardedWebSocket(websocket_class):
-            def __init__(self, handler, *args, **kwargs):
-                # the handler is the bound method of the Engine.IO session it serves
-                self._session = getattr(handler, "__self__", None)
-                session = self._session
-                super().__init__(lambda ws: handler(_FrameGuard(ws, logger, session,
-                                                                eio.sleep, max_message)),
-                                 *args, **kwargs)
-                if isinstance(getattr(self, "server_args", None), dict):
-                    # simple-websocket (gevent) reads a message of any size unless told,
-                    # and reads frames as fast as they come into a list of its own
-                    self.server_args["max_message_size"] = max_message
-                    thread_class = self.server_args.get("thread_class")
-                    if thread_class is not None:
-                        self.server_args["thread_class"] = _reader_with_backpressure(
-                            thread_class, eio.sleep, session)
-
-            def __call__(self, environ, start_response):
-                if self._session is not None:
-                    self._session.tcp = environ.get("gunicorn.socket")
-                return super().__call__(environ, start_response)
-
-        # this server's own copy of the async driver's table: other servers are unaffected
-        eio._async = {**eio._async, "websocket": GuardedWebSocket}
+    return guarded_handle_request
 
 
 #: Frames a simple-websocket reader may hold unread before it stops reading its socket.
 MAX_BUFFERED_FRAMES = 200
-
-
-def _reader_with_backpressure(thread_class: type, sleep: Any, session: Any) -> Any:
-    """simple-websocket's reader task, made to stop reading while MAX_BUFFERED_FRAMES are
-    waiting for the Engine.IO reader (which the token bucket slows down): the flooder's TCP
-    buffers fill instead of the process's memory and CPU."""
-
-    def start_reader(target: Any, *args: Any, **kwargs: Any) -> Any:
-        ws = getattr(target, "__self__", None)
-        if ws is not None and hasattr(ws, "_handle_events"):
-            handle_events = ws._handle_events
-
-            def handle_events_then_wait() -> bool:
-                keep_going = handle_events()
-                while keep_going and ws.connected and not getattr(session, "closed", False) \
-                        and len(ws.input_buffer) > MAX_BUFFERED_FRAMES:
-                    sleep(0.01)
-                return keep_going
-
-            ws._handle_events = handle_events_then_wait
-        return thread_class(target, *args, **kwargs)
-
-    return start_reader
 
 
 class _ClosingResponse(list):

@@ -15,7 +15,8 @@ client exhaust a worker. Here:
   stops reading, the flooder's TCP buffers fill, nobody else waits).
 - ``read_body``: a long-polling body must arrive within ``CONNECT_TIMEOUT`` seconds.
 
-Every touch of python-engineio internals is here or in app/chat/packets.py.
+How each is put in place on python-engineio (its queues, its session table) is in
+app/overrides/engineio.py.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import socket as _socket
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
+
+from app.overrides.engineio import end_session, use_queue_class, use_session_table
 
 #: Incoming packets one session may send: sustained rate per second, and burst.
 PACKETS_PER_SECOND = 100
@@ -143,18 +146,9 @@ class SessionLimits:
         self._sweeper_started = False
 
     def install(self) -> None:
-        eio = self.eio
-        queue_class = make_outgoing_queue(eio._async["queue"], self.max_queue,
-                                          self._on_overflow)
-        driver_create_queue = eio.create_queue
-
-        def create_queue(*args: Any, **kwargs: Any) -> Any:
-            if args or kwargs:
-                return driver_create_queue(*args, **kwargs)
-            return queue_class()
-
-        eio.create_queue = create_queue
-        eio.sockets = SessionTable(self._on_new_session)
+        use_queue_class(self.eio, lambda driver_queue: make_outgoing_queue(
+            driver_queue, self.max_queue, self._on_overflow))
+        use_session_table(self.eio, SessionTable(self._on_new_session))
 
     # -- sessions that never join -------------------------------------------------------
 
@@ -206,8 +200,6 @@ class SessionLimits:
 
     def end(self, sid: str, session: Any) -> None:
         """Close a session at once, and its TCP connection if it is a websocket."""
-        from app.chat.packets import end_session
-
         end_session(self.eio, sid)
         shut(getattr(session, "tcp", None))
 

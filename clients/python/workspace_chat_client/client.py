@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterator, Optional
 
-import engineio
 import requests
 import socketio
-from engineio.payload import Payload
+
+from ._overrides import OrderedSocketIOClient, allow_batched_packets
 
 log = logging.getLogger(__name__)
 
@@ -281,51 +281,6 @@ class SentMessage:
 
 # --- the Socket.IO layer -----------------------------------------------------------------
 
-class _OrderedEngineIOClient(engineio.Client):
-    """python-engineio's client hands each received packet to a new thread, so two packets
-    may be handled out of order. This one hands them, and the disconnection, to one worker
-    thread in the order they arrived."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._ordered: "queue.Queue[tuple[str, tuple]]" = queue.Queue()
-        self._ordered_worker: Optional[threading.Thread] = None
-        self._ordered_lock = threading.Lock()
-
-    def _trigger_event(self, event, *args, **kwargs):  # noqa: D401 - engineio's hook
-        if event in ("message", "disconnect") and event in self.handlers:
-            self._ordered.put((event, args))
-            with self._ordered_lock:
-                if self._ordered_worker is None or not self._ordered_worker.is_alive():
-                    self._ordered_worker = threading.Thread(
-                        target=self._run_ordered, name="chat-client-packets", daemon=True)
-                    self._ordered_worker.start()
-            return None
-        return super()._trigger_event(event, *args, **kwargs)
-
-    def _run_ordered(self) -> None:
-        while True:
-            try:
-                event, args = self._ordered.get(timeout=1.0)
-            except queue.Empty:
-                if self.state == "disconnected":
-                    return
-                continue
-            try:
-                self.handlers[event](*args)
-            except Exception:  # a handler's failure must not stop the connection's packets
-                log.exception("error handling %s", event)
-            if event == "disconnect" and self._ordered.empty():
-                return
-
-
-class OrderedSocketIOClient(socketio.Client):
-    """python-socketio's Client, handling received packets in the order they arrived."""
-
-    def _engineio_client_class(self):
-        return _OrderedEngineIOClient
-
-
 class _Connection:
     """One Socket.IO connection (a reconnect makes a new one)."""
 
@@ -407,10 +362,10 @@ class ChatClient:
                 raise ValueError(f"unknown transport {transport!r}: use 'websocket' or 'polling'")
         if not self.transports:
             raise ValueError("at least one transport is needed")
-        if "polling" in self.transports and Payload.max_decode_packets < MAX_DECODE_PACKETS:
+        if "polling" in self.transports:
             # python-engineio's client refuses a polling response with more than 16 packets
             # (and drops the connection): a replay or a fast stream holds more.
-            Payload.max_decode_packets = MAX_DECODE_PACKETS
+            allow_batched_packets(MAX_DECODE_PACKETS)
         self.timeout = timeout
         self.reply_timeout = reply_timeout
         self.reconnect = reconnect
