@@ -104,12 +104,14 @@ def join(connection: Connection, first: bool, transport: str, *,
 
     ``subscribe(room)`` joins the room the adapter's way and returns what undoes it when the
     connection ends (or None); ``send(event, data)`` sends one catch-up event, inside
-    ``sending`` if given. The order the client sees: user_created,
-    connection_established, every missed message, the reply streaming right now
-    (content_so_far), then live room traffic. The room is joined behind the manager's gate,
-    which holds live traffic while the database and the shared state are read (see
-    app/chat/delivery.py), so nothing is lost, doubled or reordered. If joining fails, the
-    connection is left (and released) before the error propagates.
+    ``sending`` if given.
+
+    The order the client sees: user_created, connection_established, every missed message,
+    the reply streaming right now (content_so_far), then live room traffic. The room is
+    joined behind the manager's gate, which holds live traffic while the database and the
+    shared state are read (see app/chat/delivery.py), so nothing is lost, doubled or
+    reordered. If joining fails, the connection is left (and released) before the error
+    propagates.
     """
     sid = connection.sid
     manager = socketio.server.manager
