@@ -86,21 +86,21 @@ def end_replies(app: Flask) -> bool:
 
 def close_connections(app: Flask) -> None:
     """Disconnect this process's clients, and any that still get in, until it exits."""
-    from app.chat.events import chat_namespace
+    from app.chat import session
     from app.chat.rooms import NAMESPACE
     from app.overrides.engineio import end_session
     from app.extensions import socketio
 
     with app.app_context():
         app.logger.info("shutting down: closing %d connections",
-                        len(chat_namespace.connections))
+                        len(session.connections))
     # gunicorn stops accepting about a second after it is told to: keep closing whatever
     # arrives until the process exits.
     open_websockets = app.extensions.get("open_websockets")
     cut_at = time.monotonic() + CUT_SOCKETS_AFTER_SECONDS
     while True:
         socketio.server.manager.close_all_listeners()  # /ws/chat clients
-        for sid in list(chat_namespace.connections):
+        for sid in session.sids(session.SOCKETIO):
             try:
                 socketio.server.disconnect(sid, namespace=NAMESPACE)
             except Exception:  # a client that is already gone

@@ -41,9 +41,9 @@ class ContextFilter(logging.Filter):
         sid = getattr(request, "sid", None)
         if sid is not None:
             record.sid = sid
-            from app.chat.events import chat_namespace
+            from app.chat.session import connections
 
-            connection = chat_namespace.connections.get(sid)
+            connection = connections.get(sid)
             if connection is not None:
                 record.tenant_id = connection.tenant_id
                 record.chat_id = connection.chat_id

@@ -27,10 +27,12 @@ class Metrics:
             "workspace_chat_errors_total", "Errors answered, by contract error code.",
             ["code", "transport"], registry=self.registry)
         self.connections = Gauge(
-            "workspace_chat_socket_connections", "Socket.IO connections open on this process.",
+            "workspace_chat_socket_connections",
+            "Socket.IO and /ws/chat connections open on this process.",
             registry=self.registry)
         self.connects = Counter(
-            "workspace_chat_socket_connects_total", "Socket.IO connections accepted.",
+            "workspace_chat_socket_connects_total",
+            "Socket.IO and /ws/chat connections accepted.",
             registry=self.registry)
         self.messages = Counter(
             "workspace_chat_messages_total", "User messages stored and broadcast.",

@@ -211,7 +211,7 @@ class SessionLimits:
         self.eio.start_background_task(self._drop_slow_client, session)
 
     def _drop_slow_client(self, session: Any) -> None:
-        from app.chat import session
+        from app.chat import session as chat_session  # not `session`: the argument's name
         from app.chat.events import chat_namespace
 
         self.logger.warning("slow client: dropping Socket.IO session %s, more than %d bytes "
@@ -221,7 +221,7 @@ class SessionLimits:
         if connection is not None:
             with self.app.app_context():
                 try:
-                    session.note_slow_client(connection)
+                    chat_session.note_slow_client(connection)
                 except Exception:
                     self.logger.warning("could not note slow client %s", session.sid,
                                         exc_info=True)

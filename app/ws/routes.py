@@ -14,13 +14,13 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from app.chat import revocation, session
+from app.chat import session
 from app.chat.connections import Connection, authorize_connection, release_connection
-from app.chat.messages import new_message_string, post_message, stop_generation
-from app.chat.rooms import NAMESPACE, chat_room
 from app.errors import ApiError
 from app.extensions import db, socketio
 from app.jsondepth import too_deep
+from app.overrides.engineio import refused_origin
+from app.overrides.eventlet import handled_response_body
 from app.ws.socket import PlainSocket, TokenBucket
 
 bp = Blueprint("plain_websocket", __name__)
@@ -47,7 +47,6 @@ class PlainWebSocketClient:
         self.queue = socketio.server.eio.create_queue()
         self.connection: Connection | None = connection
         self.first = first
-        self.message_string: str | None = None
         self.closed = False
         self.ending = False
         self.slow = False
@@ -120,30 +119,15 @@ class PlainWebSocketClient:
     def open(self) -> None:
         """Join the chat (credentials already checked), sending what a Socket.IO client
         would get."""
-        connection = self.connection
         manager = socketio.server.manager
-        room = chat_room(connection.chat_id)
-        manager.gate(self.id)
-        manager.add_listener(room, self.id, self.send, self.close)
-        revocation.track(connection)
-        events, keep = session.catch_up(connection, self.first)
-        for event, data in events:
-            if event == "connection_established":
-                self.message_string = data["message_string"]
-            self.send(event, data, counted=False)
-        manager.open_gate(self.id, NAMESPACE, keep)
 
-    def leave(self) -> None:
-        if self.connection is not None:
-            socketio.server.manager.remove_listener(
-                chat_room(self.connection.chat_id), self.id)
-            if self.slow:
-                try:
-                    session.note_slow_client(self.connection)
-                except Exception:
-                    self.logger.exception("/ws/chat could not record a slow client")
-            release_connection(self.connection)
-            self.connection = None
+        def subscribe(room: str):
+            manager.add_listener(room, self.id, self.send, self.close)
+            return lambda: manager.remove_listener(room, self.id)
+
+        session.join(self.connection, self.first, session.WEBSOCKET, subscribe=subscribe,
+                     send=lambda event, data: self.send(event, data, counted=False),
+                     fills_in_string=True)
 
     # -- input ------------------------------------------------------------------------------
 
@@ -153,56 +137,30 @@ class PlainWebSocketClient:
         except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply
             frame = None
         if not isinstance(frame, dict):
-            self.send("error", ApiError("validation_error", "Frames must be JSON objects, "
-                                        "like {\"content\": \"hello\"}.").to_dict())
+            self._fail(ApiError("validation_error", "Frames must be JSON objects, "
+                                "like {\"content\": \"hello\"}."))
             return
         event = frame.get("event", "message")
         data = frame.get("data", {}) if "event" in frame else frame
         try:
             if too_deep(frame):
                 raise ApiError("validation_error", "JSON is nested too deeply.")
-            if event == "message":
-                self._message(data)
-            elif event == "get_message_string":
-                string = new_message_string(self.connection, requested=True)
-                self.message_string = string["message_string"]
-                self.send("get_message_string", string)
-            elif event == "stop_generation":
-                self.send("stop_generation",
-                          {"ok": True, "stopped": stop_generation(self.connection)})
-            elif event == "typing":
-                payload = session.typing_payload(self.connection, data)
-                if payload is None:  # over the typing rate: dropped silently
-                    return
-                socketio.emit("typing", payload, to=chat_room(self.connection.chat_id),
-                              namespace=NAMESPACE, skip_sid=self.id)
-            else:
-                raise ApiError("validation_error", f"Unknown event {str(event)[:40]!r}.",
-                               {"event": ["Must be message, typing, stop_generation or "
-                                          "get_message_string."]})
+            ack = session.handle(self.id, event, data)
+            if ack is not None:  # typing has none
+                self.send(event, ack)
         except ApiError as error:
-            self.send("error", error.to_dict())
-            if event == "message":
-                self.send("message", {"ok": False, "error": error.to_dict()})
+            self._fail(error, ack=event == "message")
         except Exception:
             current_app.logger.exception("error in /ws/chat %s", event)
             db.session.rollback()
-            self.send("error", ApiError("internal_error").to_dict())
+            self._fail(ApiError("internal_error"))
 
-    def _message(self, data: Any) -> None:
-        if isinstance(data, dict) and data.get("message_string") is None:
-            data = {**data, "message_string": self.message_string}
-        try:
-            ack = post_message(self.connection, data)
-        except ApiError as error:
-            if error.code in ("message_string_reused", "message_string_expired",
-                              "invalid_message_string", "rate_limited", "chat_busy"):
-                # the kept string may be gone: have a fresh one ready for the next frame
-                self.message_string = new_message_string(
-                    self.connection)["message_string"]
-            raise
-        self.message_string = ack["next_message_string"]
-        self.send("message", ack)
+    def _fail(self, error: ApiError, ack: bool = False) -> None:
+        """The one place that renders an error: the ``error`` frame, and a message's ack."""
+        body, reply = session.error_reply(session.WEBSOCKET, error)
+        self.send("error", body)
+        if ack:
+            self.send("message", reply)
 
     def run(self) -> None:
         writer = None
@@ -223,7 +181,7 @@ class PlainWebSocketClient:
                     socketio.sleep(wait)  # back-pressure: this connection is not read meanwhile
         finally:
             self.reader_done.set()
-            self.leave()
+            session.leave(self.id, slow=self.slow)
             self.close()
             if writer is not None:
                 writer.join()
@@ -233,15 +191,11 @@ def _refused_origin() -> Response | None:
     """Socket.IO's answer to an ``Origin`` outside CORS_ORIGINS, from Socket.IO's own rules
     (python-engineio: same origin as the request's host by default, ``*`` for any; a request
     without ``Origin``, from a non-browser client, is accepted)."""
-    eio = socketio.server.eio
-    origin = request.environ.get("HTTP_ORIGIN")
-    if eio.cors_allowed_origins == [] or not origin:
+    refusal = refused_origin(socketio.server.eio, request.environ)
+    if refusal is None:
         return None
-    allowed = eio._cors_allowed_origins(request.environ)
-    if allowed is None or origin in allowed:
-        return None
-    current_app.logger.warning("/ws/chat: %s is not an accepted origin", origin[:200])
-    refusal = eio._bad_request("Not an accepted origin.")
+    current_app.logger.warning("/ws/chat: %s is not an accepted origin",
+                               request.environ["HTTP_ORIGIN"][:200])
     return Response(refusal["response"], status=refusal["status"],
                     headers=refusal["headers"])
 
@@ -255,15 +209,7 @@ class _Handled(Response):
 
     def __call__(self, environ, start_response):
         if self.ws.mode == "eventlet":
-            try:
-                from eventlet.wsgi import WSGI_LOCAL
-                already_handled = []
-            except ImportError:  # older eventlet
-                from eventlet.wsgi import ALREADY_HANDLED as already_handled
-                WSGI_LOCAL = None
-            if hasattr(WSGI_LOCAL, "already_handled"):
-                WSGI_LOCAL.already_handled = True
-            return already_handled
+            return handled_response_body()
         if self.ws.mode == "gunicorn":
             raise StopIteration()  # gunicorn: the connection is done, nothing more to write
         if self.ws.mode == "werkzeug":
@@ -287,6 +233,7 @@ def chat_socket():
         error = None
     except ApiError as exc:
         connection, first, error = None, False, exc
+        session.count_error(session.WEBSOCKET, exc)
     finally:
         db.session.remove()
     options = current_app.config.get("SOCK_SERVER_OPTIONS", {})
