@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from socketio import Manager, RedisManager
 
+from app.chat.relay import ChatRelay
 from app.chat.rooms import is_chat_room
 
 Keep = Callable[[str, Any], bool]
@@ -210,7 +211,9 @@ class ChatRedisManager(RedisManager, ChatManager):
 
     MRO: RedisManager -> PubSubManager -> ChatManager -> GateMixin -> Manager, so an event
     published by any process is delivered here by PubSubManager._handle_emit through
-    GateMixin.emit.
+    GateMixin.emit. A chat's events travel on the chat's own channel, which a process
+    listens to only while it has a client in the chat (app/chat/relay.py); the rest on the
+    global one.
     """
 
     #: Chat-room events are published with this host id, which is no process's own, so every
@@ -223,6 +226,40 @@ class ChatRedisManager(RedisManager, ChatManager):
         # deployments (and test suites) on different databases of one Redis stay apart.
         kwargs.setdefault("channel", f"workspace-chat-{db}")
         super().__init__(url, **kwargs)
+        self.relay = ChatRelay(url, self.channel, self.host_id)
+        self.relay.in_use = self._has_local_clients
+
+    def initialize(self):
+        self.relay.make_event = self.server.eio.create_event
+        self.relay.sleep = self.server.sleep
+        self.relay.logger = self._get_logger()
+        super().initialize()
+
+    def enter_room(self, sid, namespace, room, eio_sid=None):
+        if is_chat_room(room) and (self.is_connected(sid, namespace)
+                                   or self.is_pre_connected(sid, namespace)):
+            # confirmed before the joining client's catch-up reads the database, so what it
+            # does not read reaches it through the channel (raises SubscribeTimeout)
+            self.relay.subscribe(room)
+        return super().enter_room(sid, namespace, room, eio_sid=eio_sid)
+
+    def basic_leave_room(self, sid, namespace, room):
+        super().basic_leave_room(sid, namespace, room)
+        if is_chat_room(room):
+            self.relay.release(room)
+
+    def add_listener(self, room, listener_id, deliver, close):
+        if is_chat_room(room):
+            self.relay.subscribe(room)
+        super().add_listener(room, listener_id, deliver, close)
+
+    def remove_listener(self, room, listener_id):
+        super().remove_listener(room, listener_id)
+        if is_chat_room(room):
+            self.relay.release(room)
+
+    def _has_local_clients(self, room: str) -> bool:
+        return room in self._listeners or any(room in rooms for rooms in self.rooms.values())
 
     def emit(self, event, data, namespace=None, room=None, skip_sid=None, callback=None,
              to=None, **kwargs):
@@ -266,35 +303,26 @@ class ChatRedisManager(RedisManager, ChatManager):
     def _relay(self, message: dict) -> bool:
         """Publish for every process; False when this process will not hear it back (Redis
         away, or this process's subscription not restored yet), so it must deliver it."""
+        room = message.get("room")
+        if is_chat_room(room):
+            if not self.relay.confirmed(room):  # marked so that this process skips it
+                self.relay.publish(room, self.json.dumps({**message, "host_id": self.host_id}))
+                return False
+            return bool(self.relay.publish(room, self.json.dumps(message)))
         if not self.listening:
             self._publish(message)  # other processes may be subscribed
             return False
         receivers = self._publish(message)
         return bool(receivers)
 
-    listening = False
+    @property
+    def listening(self) -> bool:
+        """Whether this process hears the global channel."""
+        return self.relay.listening
 
-    def _redis_listen_with_retries(self):
-        # python-socketio's loop, plus the `listening` flag, and retries capped at 5 s (not
-        # 60 s): while this process is not subscribed, it delivers its own events itself.
-        retry_sleep = 1
-        subscribed = False
-        while True:
-            try:
-                if not subscribed:
-                    self._redis_connect()
-                    self.pubsub.subscribe(self.channel)
-                    subscribed = True
-                    retry_sleep = 1
-                self.listening = True
-                yield from self.pubsub.listen()
-            except Exception as exc:
-                self.listening = False
-                self._get_logger().error("Cannot receive from redis; retrying in %s s (%s)",
-                                         retry_sleep, exc)
-                subscribed = False
-                time.sleep(retry_sleep)
-                retry_sleep = min(retry_sleep * 2, 5)
+    def _listen(self):
+        # PubSubManager's hook for subclasses: what arrives on this process's channels
+        yield from self.relay.listen()
 
     def _handle_close_room(self, message):
         if message.get("disconnect"):
