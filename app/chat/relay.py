@@ -16,6 +16,7 @@ not hold reaches it through the channel.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -55,6 +56,10 @@ class ChatRelay:
         self.sleep: Callable[[float], None] = time.sleep
         #: True while the global channel's subscription is live.
         self.listening = False
+        #: True from a failed connection until the listener is live again; not before the
+        #: first attempt (python-socketio starts the listener at the first connection, which
+        #: waits for it like any join).
+        self.away = False
         self._publisher: redis.Redis | None = None
         self._wanted: set[str] = set()  # the chat channels this process needs
         self._joining: dict[str, int] = {}  # channel -> joins waiting for it
@@ -82,27 +87,28 @@ class ChatRelay:
         subscribes when it is back; meanwhile each process delivers its own events)."""
         channel = self.channel_of(room)
         self._want(channel)
-        if self.confirmed(room) or not self.listening:
+        if self.confirmed(room) or self.away:
             return
         event = self.make_event()
         # while it waits, the joining client is in no room yet: keep the channel wanted
         self._joining[channel] = self._joining.get(channel, 0) + 1
         self._waiters.setdefault(channel, []).append(event)
+        joined = False
         try:
-            if not self._wake():
-                return  # Redis is away
-            deadline = time.monotonic() + timeout
-            while not self.confirmed(room) and self.listening:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise SubscribeTimeout(f"Redis did not confirm {channel} in {timeout} s")
-                event.wait(remaining)
-                event.clear()
-        except BaseException:
+            if self._wake():  # else Redis is away
+                deadline = time.monotonic() + timeout
+                while not self.confirmed(room) and not self.away:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise SubscribeTimeout(f"Redis did not confirm {channel} in "
+                                               f"{timeout} s")
+                    event.wait(remaining)
+                    event.clear()
+            joined = True
+        finally:
             self._stop_waiting(channel, event)
-            self.release(room)  # unless another client still needs it
-            raise
-        self._stop_waiting(channel, event)
+            if not joined:
+                self.release(room)  # unless another client still needs it
 
     def _stop_waiting(self, channel: str, event: Any) -> None:
         self._joining[channel] -= 1
@@ -158,6 +164,12 @@ class ChatRelay:
 
     # -- the listener (one green thread) --------------------------------------------------------
 
+    @property
+    def client_name(self) -> str:
+        """The listener connection's name in Redis's CLIENT LIST, whose ``ssub`` field counts
+        the chats this process listens to."""
+        return f"{self.channel}:relay:{os.getpid()}"
+
     def listen(self) -> Iterator[bytes]:
         """Yield what is published on the global channel and on the subscribed chats'
         channels, reconnecting (and subscribing again) whenever the connection drops."""
@@ -168,7 +180,8 @@ class ChatRelay:
                 self._awake = True
                 # no retries inside redis-py: a dropped connection must reach this loop,
                 # which knows which subscriptions were confirmed and renews them all
-                pubsub = redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0)).pubsub()
+                pubsub = redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0),
+                                              client_name=self.client_name).pubsub()
                 pubsub.subscribe(self.channel, self.wake_channel)
                 self._asked.clear()
                 self._unanswered.clear()
@@ -185,7 +198,7 @@ class ChatRelay:
                         retry_sleep = 1
                         yield data
             except Exception as exc:
-                self.listening = False
+                self.listening, self.away = False, True
                 self._awake = False
                 self._notify_all()
                 self.logger.error("Cannot receive from redis; retrying in %s s (%s)",
@@ -205,7 +218,7 @@ class ChatRelay:
         if kind == "smessage" or (kind == "message" and channel == self.channel):
             return message["data"]
         if kind == "subscribe" and channel == self.channel:
-            self.listening = True
+            self.listening, self.away = True, False
         elif kind in ("ssubscribe", "sunsubscribe"):
             left = self._unanswered.get(channel, 0) - 1
             if left > 0:
