@@ -309,8 +309,14 @@ class _Stop(BaseException):
     """Ends a test's listener thread (raised from its retry sleep)."""
 
 
-def test_a_join_returns_only_once_redis_delivers_the_chat_to_the_process(store):
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "plain"])
+def test_a_join_returns_only_once_redis_delivers_the_chat_to_the_process(store, sharded):
+    """Sharded pub/sub (Redis 7), and the plain channels used with an older Redis."""
     relay = ChatRelay(REDIS_URL, CHANNEL + ":in-process", "test-host")
+    if not sharded:
+        relay.sharded = False  # what it decides on a Redis before 7.0
+    numsub = store.pubsub_shardnumsub if sharded else store.pubsub_numsub
+    publish = store.spublish if sharded else store.publish
     received: list[bytes] = []
     ended = threading.Event()
 
@@ -335,16 +341,17 @@ def test_a_join_returns_only_once_redis_delivers_the_chat_to_the_process(store):
     assert not joined.is_alive()
     channel = relay.channel_of("chat:c2")
     assert relay.confirmed("chat:c2")
-    assert dict(store.pubsub_shardnumsub(channel))[channel] == 1  # already, not soon
+    assert dict(numsub(channel))[channel] == 1  # already, not soon
 
     relay.subscribe("chat:c3")  # the listener is live: one more join
-    assert dict(store.pubsub_shardnumsub(relay.channel_of("chat:c3"))).popitem()[1] == 1
-    assert store.spublish(channel, "hello") == 1
-    wait_until(lambda: received == [b"hello"], what="the listener to yield the message")
+    assert dict(numsub(relay.channel_of("chat:c3"))).popitem()[1] == 1
+    assert publish(channel, "hello") == 1
+    assert relay.publish("chat:c3", "again") == 1  # the relay publishes the same way
+    wait_until(lambda: received == [b"hello", b"again"],
+               what="the listener to yield the messages")
 
     relay.release("chat:c2")  # nobody in it (in_use says no): unsubscribed
-    wait_until(lambda: dict(store.pubsub_shardnumsub(channel))[channel] == 0,
-               what="the listener to unsubscribe")
+    wait_until(lambda: dict(numsub(channel))[channel] == 0, what="the listener to unsubscribe")
     assert relay.confirmed("chat:c3")
 
     store.client_kill_filter(_id=[c for c in store.client_list(_type="pubsub")

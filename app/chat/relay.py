@@ -60,10 +60,12 @@ class ChatRelay:
         #: first attempt (python-socketio starts the listener at the first connection, which
         #: waits for it like any join).
         self.away = False
+        #: Sharded pub/sub for the chats' channels (None: not asked Redis yet).
+        self.sharded: bool | None = None
         self._publisher: redis.Redis | None = None
         self._wanted: set[str] = set()  # the chat channels this process needs
         self._joining: dict[str, int] = {}  # channel -> joins waiting for it
-        self._asked: set[str] = set()  # channels whose last command sent was SSUBSCRIBE
+        self._asked: set[str] = set()  # channels whose last command sent was (S)SUBSCRIBE
         self._unanswered: dict[str, int] = {}  # channel -> commands sent, reply not read yet
         self._waiters: dict[str, list[Any]] = {}
         self._dirty = False  # _wanted changed since the listener last sent commands
@@ -95,7 +97,8 @@ class ChatRelay:
         self._waiters.setdefault(channel, []).append(event)
         joined = False
         try:
-            if self._wake():  # else Redis is away
+            # a listener that is starting sends every wanted channel once it is live
+            if not self.listening or self._wake():  # else Redis is away
                 deadline = time.monotonic() + timeout
                 while not self.confirmed(room) and not self.away:
                     remaining = deadline - time.monotonic()
@@ -127,12 +130,15 @@ class ChatRelay:
                 and not self.in_use(room):
             self._wanted.discard(channel)
             self._dirty = True
-            self._wake()
+            if self.listening:  # else it is renewed without it when Redis is back
+                self._wake()
 
     def publish(self, room: str, payload: str) -> int | None:
         """Publish to the room's channel: how many processes received it, None on failure."""
         try:
-            return self._client().spublish(self.channel_of(room), payload)
+            client = self._client()
+            send = client.spublish if self._sharded(client) else client.publish
+            return send(self.channel_of(room), payload)
         except redis.RedisError as exc:
             self.logger.error("Cannot publish to redis (%s)", exc)
             return None
@@ -154,6 +160,17 @@ class ChatRelay:
             self.logger.error("Cannot reach redis to subscribe (%s)", exc)
             return False
         return True
+
+    def _sharded(self, client: redis.Redis) -> bool:
+        """Whether Redis has sharded pub/sub (7.0 and later); before, the chat channels are
+        plain channels (SUBSCRIBE, PUBLISH): the same for every process of one Redis."""
+        if self.sharded is None:
+            try:
+                version = client.info("server")["redis_version"]
+            except redis.ResponseError:  # INFO disabled: assume a current Redis
+                version = "7"
+            self.sharded = int(version.split(".")[0]) >= 7
+        return self.sharded
 
     def _client(self) -> redis.Redis:
         if self._publisher is None:
@@ -214,12 +231,12 @@ class ChatRelay:
     def _take(self, message: dict) -> bytes | None:
         """Note a reply; return the payload of a published message to deliver."""
         kind = message["type"]
-        channel = message["channel"].decode()
-        if kind == "smessage" or (kind == "message" and channel == self.channel):
+        channel = (message["channel"] or b"").decode()
+        if kind == "smessage" or (kind == "message" and channel != self.wake_channel):
             return message["data"]
         if kind == "subscribe" and channel == self.channel:
             self.listening, self.away = True, False
-        elif kind in ("ssubscribe", "sunsubscribe"):
+        elif channel in self._unanswered:  # (s)(un)subscribe of a chat
             left = self._unanswered.get(channel, 0) - 1
             if left > 0:
                 self._unanswered[channel] = left
@@ -239,10 +256,13 @@ class ChatRelay:
         self._asked.difference_update(drop)
         for channel in add + drop:
             self._unanswered[channel] = self._unanswered.get(channel, 0) + 1
+        sharded = self._sharded(self._client())
+        subscribe = pubsub.ssubscribe if sharded else pubsub.subscribe
+        unsubscribe = pubsub.sunsubscribe if sharded else pubsub.unsubscribe
         for start in range(0, len(add), BATCH):
-            pubsub.ssubscribe(*add[start:start + BATCH])
+            subscribe(*add[start:start + BATCH])
         for start in range(0, len(drop), BATCH):
-            pubsub.sunsubscribe(*drop[start:start + BATCH])
+            unsubscribe(*drop[start:start + BATCH])
 
     def _notify_all(self) -> None:
         for waiters in self._waiters.values():
