@@ -20,6 +20,7 @@ from socketio import Manager
 
 from app.overrides.socketio import RedisRelayManager
 
+from app.chat.relay import ChatRelay
 from app.chat.rooms import is_chat_room
 
 Keep = Callable[[str, Any], bool]
@@ -212,7 +213,9 @@ class ChatRedisManager(RedisRelayManager, ChatManager):
 
     MRO: RedisRelayManager -> RedisManager -> PubSubManager -> ChatManager -> GateMixin ->
     Manager, so an event published by any process is delivered here by python-socketio
-    (RedisRelayManager.deliver_emit) through GateMixin.emit.
+    (RedisRelayManager.deliver_emit) through GateMixin.emit. A chat's events travel on the
+    chat's own channel, which a process listens to only while it has a client in the chat
+    (app/chat/relay.py); the rest on the global one.
     """
 
     #: Chat-room events are published with this host id, which is no process's own, so every
@@ -225,6 +228,40 @@ class ChatRedisManager(RedisRelayManager, ChatManager):
         # deployments (and test suites) on different databases of one Redis stay apart.
         kwargs.setdefault("channel", f"workspace-chat-{db}")
         super().__init__(url, **kwargs)
+        self.channels = ChatRelay(url, self.channel, self.host_id)
+        self.channels.in_use = self._has_local_clients
+
+    def initialize(self):
+        self.channels.make_event = self.server.eio.create_event
+        self.channels.sleep = self.server.sleep
+        self.channels.logger = self._get_logger()
+        super().initialize()
+
+    def enter_room(self, sid, namespace, room, eio_sid=None):
+        if is_chat_room(room) and (self.is_connected(sid, namespace)
+                                   or self.is_pre_connected(sid, namespace)):
+            # confirmed before the joining client's catch-up reads the database, so what it
+            # does not read reaches it through the channel (raises SubscribeTimeout)
+            self.channels.subscribe(room)
+        return super().enter_room(sid, namespace, room, eio_sid=eio_sid)
+
+    def basic_leave_room(self, sid, namespace, room):
+        super().basic_leave_room(sid, namespace, room)
+        if is_chat_room(room):
+            self.channels.release(room)
+
+    def add_listener(self, room, listener_id, deliver, close):
+        if is_chat_room(room):
+            self.channels.subscribe(room)
+        super().add_listener(room, listener_id, deliver, close)
+
+    def remove_listener(self, room, listener_id):
+        super().remove_listener(room, listener_id)
+        if is_chat_room(room):
+            self.channels.release(room)
+
+    def _has_local_clients(self, room: str) -> bool:
+        return room in self._listeners or any(room in rooms for rooms in self.rooms.values())
 
     def emit(self, event, data, namespace=None, room=None, skip_sid=None, callback=None,
              to=None, **kwargs):
@@ -254,6 +291,28 @@ class ChatRedisManager(RedisRelayManager, ChatManager):
                    "host_id": self.RELAY_HOST}
         if not self.relay(message):
             self._end_local_sessions(match, error)
+
+    def relay(self, message: dict) -> bool:
+        """Publish for every process, a chat's events on the chat's channel; False when this
+        process will not hear it back (Redis away, or its subscription not confirmed yet), so
+        it must deliver it."""
+        room = message.get("room")
+        if is_chat_room(room):
+            if not self.channels.confirmed(room):  # marked so that this process skips it
+                self.channels.publish(room, self.json.dumps({**message,
+                                                             "host_id": self.host_id}))
+                return False
+            return bool(self.channels.publish(room, self.json.dumps(message)))
+        return super().relay(message)
+
+    @property
+    def listening(self) -> bool:
+        """Whether this process hears the global channel."""
+        return self.channels.listening
+
+    def listen_messages(self):
+        """What arrives on this process's channels: the global one and its chats'."""
+        yield from self.channels.listen()
 
     def on_emit(self, message: dict) -> None:
         if message.get("end_sessions"):

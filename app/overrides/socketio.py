@@ -2,7 +2,7 @@
 packets, and the Redis client manager's private publish, listen and dispatch methods."""
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 from typing import Any
 
 from socketio import RedisManager, packet
@@ -25,13 +25,7 @@ REQUIRES = (
            params=("message",)),
     Needed("python-socketio", "socketio.redis_manager:RedisManager._publish",
            params=("data",)),
-    Needed("python-socketio", "socketio.redis_manager:RedisManager._redis_connect",
-           params=()),
     Needed("python-socketio", "socketio.redis_manager:RedisManager._listen", params=()),
-    # RedisRelayManager._redis_listen_with_retries is a copy of this one
-    Needed("python-socketio", "socketio.redis_manager:RedisManager._redis_listen_with_retries",
-           params=(), source_sha="a19262da0295"),
-    Needed("python-socketio", "socketio.redis_manager:RedisManager.pubsub", assigned=True),
     Needed("python-socketio", "socketio.base_manager:BaseManager._get_logger", params=()),
     Needed("python-socketio", "socketio.manager:Manager.sid_from_eio_sid",
            params=("eio_sid", "namespace")),
@@ -111,11 +105,10 @@ class RedisRelayManager(RedisManager):
     - ``on_emit(message)`` and ``on_close_room(message)`` are called for each such message
       heard on the channel; by default they deliver it as python-socketio does
       (``deliver_emit``, ``deliver_close_room``);
-    - the listener retries at most every ``MAX_RETRY_SECONDS`` (python-socketio: 60 s) and
-      ``listening`` says whether this process is subscribed.
+    - ``listen_messages()`` replaces python-socketio's listener loop (``_listen``): what the
+      process hears, and ``listening`` says whether it is subscribed.
     """
 
-    MAX_RETRY_SECONDS = 5
     listening = False
 
     @staticmethod
@@ -164,25 +157,11 @@ class RedisRelayManager(RedisManager):
     def _handle_close_room(self, message):
         self.on_close_room(message)
 
-    def _redis_listen_with_retries(self):
-        # python-socketio's loop, plus the `listening` flag, and retries capped at
-        # MAX_RETRY_SECONDS (not 60 s): while this process is not subscribed, it delivers
-        # its own events itself (see relay).
-        retry_sleep = 1
-        subscribed = False
-        while True:
-            try:
-                if not subscribed:
-                    self._redis_connect()
-                    self.pubsub.subscribe(self.channel)
-                    subscribed = True
-                    retry_sleep = 1
-                self.listening = True
-                yield from self.pubsub.listen()
-            except Exception as exc:
-                self.listening = False
-                self._get_logger().error("Cannot receive from redis; retrying in %s s (%s)",
-                                         retry_sleep, exc)
-                subscribed = False
-                time.sleep(retry_sleep)
-                retry_sleep = min(retry_sleep * 2, self.MAX_RETRY_SECONDS)
+    def listen_messages(self) -> Iterator[Any]:
+        """What this process hears on its channels, one published payload at a time, for
+        python-socketio's listener thread to decode and dispatch; subclasses provide it (and
+        keep ``listening`` true while they are subscribed)."""
+        raise NotImplementedError
+
+    def _listen(self):
+        yield from self.listen_messages()
