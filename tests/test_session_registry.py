@@ -196,7 +196,7 @@ def test_a_join_that_fails_leaves_nothing_registered_or_counted(app, tenant):
 @pytest.fixture
 def redis_state(app):
     """The app's shared state on Redis database 9 for one test (the app's own afterwards)."""
-    from app.state_redis import RedisState
+    from app.state.redis import RedisState
 
     state = RedisState(REDIS_URL, connection_lease=3)
     try:
