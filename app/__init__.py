@@ -44,6 +44,7 @@ def _init_realtime(app: "Flask") -> None:
     socketio.init_app(
         app,
         async_mode=app.config["ASYNC_MODE"],
+        async_handlers=app.config["SOCKETIO_ASYNC_HANDLERS"],
         client_manager=manager,
         cors_allowed_origins=app.config["CORS_ORIGINS"] or None,
         http_compression=False,
