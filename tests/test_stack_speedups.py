@@ -6,23 +6,26 @@
 - python-socketio's ``async_handlers`` is off (``SOCKETIO_ASYNC_HANDLERS``): a connection's
   events are handled one after another, in the order it sent them, and a handler that waits
   (here: for a row lock held by the test, on PostgreSQL) holds up only its own connection.
+- The request context of a Socket.IO event (a ``/socket.io/`` environ) is not routed; every
+  other request is.
 """
 from __future__ import annotations
 
-import json
+import hashlib
+import inspect
 import random
 import re
 import subprocess
 import sys
+import time
 import warnings
 from importlib import metadata
-from pathlib import Path
 
 import psycopg2
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tests.conftest import ROOT, server_env, start_server, stop_server
+from tests.conftest import ROOT, base_config, server_env, start_server, stop_server
 from tests.rawsio import NAMESPACE, RawSocketIO
 from tests.realtime import new_tenant
 
@@ -113,9 +116,6 @@ def test_uninstall_puts_eventlets_mask_back(fast_mask):
 def test_mask_override_names_the_eventlet_it_was_written_for():
     """Fails on an eventlet other than the one the override was checked against: re-read
     eventlet's ``_apply_mask`` (and rerun the equivalence tests) before raising it."""
-    import hashlib
-    import inspect
-
     from eventlet.websocket import RFC6455WebSocket
 
     pinned = re.search(r"^eventlet==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M)
@@ -140,6 +140,26 @@ def test_entry_point_installs_the_mask_under_eventlet_only(tmp_path):
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip().splitlines()[-1] == expected, (mode, out.stdout)
+
+
+# --- the request context of a Socket.IO event -----------------------------------------------
+
+def test_socketio_event_contexts_are_not_routed_and_other_requests_are():
+    from flask import globals as flask_globals
+    from flask import request
+
+    from app import create_app
+
+    app = create_app(base_config("sqlite://"))
+    with app.test_request_context("/socket.io/", query_string="EIO=4&transport=websocket"):
+        assert flask_globals.request_ctx.url_adapter is None
+        assert request.url_rule is None and request.routing_exception is None
+    with app.test_request_context("/api/v1/chats/", method="POST"):
+        assert flask_globals.request_ctx.url_adapter is not None
+        assert request.url_rule is not None and request.url_rule.rule == "/api/v1/chats/"
+    with app.test_request_context("/socket.iox"):  # only the Engine.IO path is left out
+        assert flask_globals.request_ctx.url_adapter is not None
+        assert request.routing_exception is not None
 
 
 # --- one connection's events, in order, without holding up the others ----------------------
@@ -199,8 +219,6 @@ class _ChatRowLock:
 
 
 def _wait_until(condition, what: str, timeout: float = 20) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
