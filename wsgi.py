@@ -43,6 +43,9 @@ if not _loaded_by_flask_cli:
         import eventlet
 
         eventlet.monkey_patch()
+        from app.overrides import eventlet_websocket
+
+        eventlet_websocket.install()  # unmask incoming frames in one XOR, not byte by byte
     elif _mode == "gevent":
         from gevent import monkey
 

@@ -45,6 +45,7 @@ def _init_realtime(app: "Flask") -> None:
     socketio.init_app(
         app,
         async_mode=app.config["ASYNC_MODE"],
+        async_handlers=app.config["SOCKETIO_ASYNC_HANDLERS"],
         client_manager=manager,
         cors_allowed_origins=app.config["CORS_ORIGINS"] or None,
         http_compression=False,
@@ -67,15 +68,15 @@ def _init_realtime(app: "Flask") -> None:
 
 def create_app(config: Mapping[str, Any] | None = None) -> "Flask":
     """Build the app: config, extensions, blueprints, CLI and error handlers."""
-    from flask import Flask
     from sqlalchemy import event
 
     from app.config import Defaults, database_url, from_env
     from app.logs import configure_logging
 
     from app.api import DepthCheckedJSONProvider
+    from app.flask_app import ChatFlask
 
-    app = Flask(__name__, instance_relative_config=True)
+    app = ChatFlask(__name__, instance_relative_config=True)
     app.json = DepthCheckedJSONProvider(app)  # JSON nested > 64 deep is invalid JSON (§9)
     app.config.from_object(Defaults)
     app.config.update(from_env(os.environ, app.instance_path))

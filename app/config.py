@@ -109,6 +109,11 @@ class Defaults:
     """Settings that are not read from the environment."""
 
     MAX_CONTENT_LENGTH = 1024 * 1024
+    # python-socketio runs each event in a new green thread by default (async_handlers=True):
+    # a spawn and an Event per packet, ~11 % of the worker's CPU at 1,000 messages/s. Off,
+    # a connection's events run one after another in its own reader, in the order sent;
+    # other connections have their own readers (tests/test_stack_speedups.py).
+    SOCKETIO_ASYNC_HANDLERS = False
     # /ws/chat (app/ws/socket.py): a message over 1 MB is refused with close code 1009.
     SOCK_SERVER_OPTIONS = {"max_message_size": 1024 * 1024, "receive_bytes": 4096}
     SQLALCHEMY_TRACK_MODIFICATIONS = False
