@@ -37,7 +37,8 @@ VERSIONS: Mapping[str, str] = {
 #: Libraries the app runs without (ASYNC_MODE=gevent is optional): absent is not a mismatch.
 OPTIONAL = frozenset({"gevent"})
 #: The modules of this package, each with its REQUIRES.
-MODULES = ("engineio", "socketio", "flask_socketio", "simple_websocket", "eventlet")
+MODULES = ("engineio", "socketio", "flask_socketio", "simple_websocket", "eventlet",
+           "eventlet_websocket")
 
 
 @dataclass(frozen=True)

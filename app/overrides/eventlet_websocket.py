@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from app.overrides import Needed
+
 #: What this override was written for: the library, its version (requirements.txt), and the
 #: private names it touches, as ``module:Qualified.name`` with the parameters it relies on.
 #: ``source_sha`` is the first 12 hex digits of the SHA-256 of the replaced function's source:
@@ -27,6 +29,13 @@ EXPECTS: dict[str, Any] = {
          "params": ("data", "mask", "length", "offset"), "source_sha": "f6ac2b9da0f0"},
     ),
 }
+
+#: The same, as the version check of app/overrides reads it (the source's hash is checked
+#: against eventlet's original by tests/test_stack_speedups.py, installed or not).
+REQUIRES = (
+    Needed("eventlet", "eventlet.websocket:RFC6455WebSocket._apply_mask",
+           params=("data", "mask", "length", "offset")),
+)
 
 _ORIGINAL: Any = None
 
