@@ -247,7 +247,7 @@ class ConnectionStringRequestSchema(Schema):
 class ConnectionStringSchema(Schema):
     connection_string = fields.String()
     chat_id = fields.String()
-    expires_at = fields.String()
+    expires_at = fields.String(metadata={"format": "date-time"})
 
 
 # --- messages -----------------------------------------------------------------------------
@@ -311,6 +311,8 @@ MessagePageSchema = page_schema("MessagePageSchema", "messages", MessageSchema)
 
 @always_present
 class ErrorBodySchema(Schema):
+    """The contract's error object: a code from its table, a message, and details."""
+
     code = fields.String()
     message = fields.String()
     details = fields.Dict()

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
-from flask import Blueprint as FlaskBlueprint, current_app, send_from_directory
+from flask import Blueprint as FlaskBlueprint, current_app, g, send_from_directory
 from flask.json.provider import DefaultJSONProvider
 
 from flask_smorest import Blueprint as SmorestBlueprint
@@ -17,6 +17,8 @@ from app.auth import rate_limit_key, require_api_key, rest_rate_limit
 from app.errors import ApiError
 from app.extensions import limiter
 from app.jsondepth import MAX_JSON_DEPTH, too_deep
+from app.pagination import PaginationArgs
+from app.schemas import USER_ID_PATH_PARAMETER, require_valid_user_id
 from app.text import has_lone_surrogate, strings_in
 
 
@@ -118,6 +120,22 @@ swagger_ui_bp = FlaskBlueprint("swagger_ui", __name__)
 
 @swagger_ui_bp.get(SWAGGER_UI_URL + "<any(" + ",".join(f'"{name}"' for name in SWAGGER_UI_FILES)
                    + "):filename>")
+def user_pages(bp: Blueprint, page_schema: type, list_page: Callable, summary: str) -> Callable:
+    """Serve ``list_page(tenant, user_id, offset, limit)`` as ``GET <bp>/user/<user_id>``: one
+    page of what belongs to a user, the user id checked (``validation_error``) and
+    ``offset``/``limit`` read as everywhere; ``summary`` is what the API document says."""
+    def view(args: dict, user_id: str) -> Any:
+        require_valid_user_id(user_id)
+        return list_page(g.tenant, user_id, args["offset"], args["limit"])
+
+    # named and documented before flask-smorest reads them (the endpoint, the summary)
+    view.__name__ = list_page.__name__
+    view.__doc__ = summary
+    view = bp.response(200, page_schema)(view)
+    view = bp.arguments(PaginationArgs, location="query")(view)
+    return bp.route("/user/<user_id>", methods=["GET"], parameters=[USER_ID_PATH_PARAMETER])(view)
+
+
 def swagger_ui_file(filename: str):
     """Swagger UI's browser build, from app/api/swagger/node_modules."""
     if not os.path.isfile(os.path.join(SWAGGER_UI_DIST, filename)):

@@ -18,9 +18,6 @@ from app.overrides.flask_socketio import handle_event
 class ChatNamespace(Namespace):
     """``/chat``: connect with a connection string (or API key + user id), then talk."""
 
-    #: This process's open connections (both transports): app/chat/transport.py reads them.
-    connections = session.connections
-
     def __init__(self, namespace: str = NAMESPACE):
         super().__init__(namespace)
 

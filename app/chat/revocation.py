@@ -10,22 +10,25 @@ through Redis when REDIS_URL is set (app/chat/delivery.py). The client gets
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, Protocol
 
+from app.chat.rooms import NAMESPACE, chat_room
 from app.errors import ApiError
 from app.extensions import socketio
 
-if TYPE_CHECKING:
-    from app.chat.connections import Connection
 
-# The chat service imports the workspace rules, which call this module: names of the chat
-# service are imported inside the functions that need them.
+class Connection(Protocol):
+    """What a revocation matches a live connection by (app.chat.connections.Connection)."""
+
+    sid: str
+    tenant_id: str
+    api_key_id: str | None
+    workspace_id: str
+    user_pk: int
 
 
 def track(connection: Connection) -> None:
     """Register a live connection of this process, so that a revocation can end it."""
-    from app.chat.rooms import NAMESPACE
-
     socketio.server.manager.track_session(connection.sid, NAMESPACE, _tags(connection))
 
 
@@ -75,7 +78,6 @@ def end_member_sessions(tenant_id: str, workspace_id: str, user_pk: int) -> None
 def close_chats(chat_ids: Iterable[str]) -> None:
     """Chats that were deleted: their clients get ``chat_deleted`` and are disconnected, as
     when one chat is deleted (app.chat.chats.delete_chat)."""
-    from app.chat.rooms import NAMESPACE, chat_room
 
     if socketio.server is None:
         return

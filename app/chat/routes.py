@@ -1,13 +1,11 @@
 """REST routes for chats and their history, and the /chat blueprint's create."""
 from flask import g
 
-from app.api import tenant_blueprint
+from app.api import tenant_blueprint, user_pages
 from app.chat import chats
-from app.pagination import PaginationArgs
 from app.schemas import (ChatCreateSchema, ChatPageSchema, ChatSchema,
                          ConnectionStringRequestSchema, ConnectionStringSchema,
-                         MessageListArgs, MessagePageSchema, USER_ID_PATH_PARAMETER,
-                         require_valid_user_id)
+                         MessageListArgs, MessagePageSchema)
 
 bp = tenant_blueprint("chats", __name__, "/api/v1/chats", "Chats and their message history.")
 chat_bp = tenant_blueprint("chat", __name__, "/chat",
@@ -37,13 +35,8 @@ def create_chat_via_chat_blueprint(body):
     return _create(body)
 
 
-@bp.route("/user/<user_id>", methods=["GET"], parameters=[USER_ID_PATH_PARAMETER])
-@bp.arguments(PaginationArgs, location="query")
-@bp.response(200, ChatPageSchema)
-def list_user_chats(args, user_id):
-    """The chats a user created, oldest first."""
-    require_valid_user_id(user_id)
-    return chats.list_user_chats(g.tenant, user_id, args["offset"], args["limit"])
+list_user_chats = user_pages(bp, ChatPageSchema, chats.list_user_chats,
+                             "The chats a user created, oldest first.")
 
 
 @bp.route("/<chat_id>", methods=["GET"])

@@ -26,6 +26,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from app.chat import session as chat_session  # `session` names engine.io sessions here
+from app.chat.rooms import NAMESPACE
 from app.overrides.engineio import end_session, use_queue_class, use_session_table
 
 #: Incoming packets one session may send: sustained rate per second, and burst.
@@ -160,10 +162,8 @@ class SessionLimits:
     def has_joined(self, session: Any) -> bool:
         """Whether the session is on /chat (then it is not swept). One that has left /chat
         has CONNECT_TIMEOUT seconds from then to join again."""
-        from app.chat.events import chat_namespace
-
-        sid = self.server.manager.sid_from_eio_sid(session.sid, chat_namespace.namespace)
-        if sid is not None and (sid in chat_namespace.connections or session.joined):
+        sid = self.server.manager.sid_from_eio_sid(session.sid, NAMESPACE)
+        if sid is not None and (sid in chat_session.connections or session.joined):
             # (a client joining right now is in the manager before it is in connections)
             session.joined = True
             return True
@@ -211,13 +211,10 @@ class SessionLimits:
         self.eio.start_background_task(self._drop_slow_client, session)
 
     def _drop_slow_client(self, session: Any) -> None:
-        from app.chat import session as chat_session  # not `session`: the argument's name
-        from app.chat.events import chat_namespace
-
         self.logger.warning("slow client: dropping Socket.IO session %s, more than %d bytes "
                             "unsent", session.sid, self.max_queue)
-        sid = self.server.manager.sid_from_eio_sid(session.sid, chat_namespace.namespace)
-        connection = chat_namespace.connections.get(sid) if sid is not None else None
+        sid = self.server.manager.sid_from_eio_sid(session.sid, NAMESPACE)
+        connection = chat_session.connections.get(sid) if sid is not None else None
         if connection is not None:
             with self.app.app_context():
                 try:

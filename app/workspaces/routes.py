@@ -2,8 +2,7 @@
 from flask import g
 from flask.views import MethodView
 
-from app.api import tenant_blueprint
-from app.pagination import PaginationArgs
+from app.api import tenant_blueprint, user_pages
 from app.schemas import (USER_ID_PATH_PARAMETER, WorkspaceCreateSchema, WorkspacePageSchema,
                          WorkspaceSchema, WorkspaceUpdateSchema, require_valid_user_id)
 from app.workspaces import service
@@ -20,13 +19,8 @@ def create_workspace(body):
     return service.create_workspace(g.tenant, body["owner_id"], body["name"], body.get("agent"))
 
 
-@bp.route("/user/<user_id>", methods=["GET"], parameters=[USER_ID_PATH_PARAMETER])
-@bp.arguments(PaginationArgs, location="query")
-@bp.response(200, WorkspacePageSchema)
-def list_user_workspaces(args, user_id):
-    """The workspaces a user owns or is a member of."""
-    require_valid_user_id(user_id)
-    return service.list_user_workspaces(g.tenant, user_id, args["offset"], args["limit"])
+list_user_workspaces = user_pages(bp, WorkspacePageSchema, service.list_user_workspaces,
+                                  "The workspaces a user owns or is a member of.")
 
 
 @bp.route("/<workspace_id>", methods=["GET"])

@@ -20,7 +20,7 @@ from app.errors import ApiError
 from app.extensions import db, socketio
 from app.jsondepth import too_deep
 from app.overrides.engineio import refused_origin
-from app.overrides.eventlet import handled_response_body
+from app.overrides.simple_websocket import HandledResponse
 from app.ws.socket import PlainSocket, TokenBucket
 
 bp = Blueprint("plain_websocket", __name__)
@@ -200,23 +200,6 @@ def _refused_origin() -> Response | None:
                     headers=refusal["headers"])
 
 
-class _Handled(Response):
-    """The response of a request whose socket the WebSocket took over (as flask-sock's)."""
-
-    def __init__(self, ws: PlainSocket) -> None:
-        super().__init__()
-        self.ws = ws
-
-    def __call__(self, environ, start_response):
-        if self.ws.mode == "eventlet":
-            return handled_response_body()
-        if self.ws.mode == "gunicorn":
-            raise StopIteration()  # gunicorn: the connection is done, nothing more to write
-        if self.ws.mode == "werkzeug":
-            return super().__call__(environ, start_response)
-        return []
-
-
 @bp.route("/ws/chat", websocket=True)
 def chat_socket():
     """``/ws/chat?chat_id=...&connection_string=...`` (or ``api_key`` and ``user_id``).
@@ -249,11 +232,11 @@ def chat_socket():
         except OSError:
             pass
         ws.close()  # and nothing read: the connection ends with this request
-        return _Handled(ws)
+        return HandledResponse(ws)
     try:
         PlainWebSocketClient(ws, connection, first).run()
     except Exception:
         current_app.logger.exception("error in /ws/chat")
     finally:
         ws.abort()
-    return _Handled(ws)
+    return HandledResponse(ws)
