@@ -118,8 +118,6 @@ SWAGGER_UI_URL = "/docs/static/"
 swagger_ui_bp = FlaskBlueprint("swagger_ui", __name__)
 
 
-@swagger_ui_bp.get(SWAGGER_UI_URL + "<any(" + ",".join(f'"{name}"' for name in SWAGGER_UI_FILES)
-                   + "):filename>")
 def user_pages(bp: Blueprint, page_schema: type, list_page: Callable, summary: str) -> Callable:
     """Serve ``list_page(tenant, user_id, offset, limit)`` as ``GET <bp>/user/<user_id>``: one
     page of what belongs to a user, the user id checked (``validation_error``) and
@@ -136,6 +134,8 @@ def user_pages(bp: Blueprint, page_schema: type, list_page: Callable, summary: s
     return bp.route("/user/<user_id>", methods=["GET"], parameters=[USER_ID_PATH_PARAMETER])(view)
 
 
+@swagger_ui_bp.get(SWAGGER_UI_URL + "<any(" + ",".join(f'"{name}"' for name in SWAGGER_UI_FILES)
+                   + "):filename>")
 def swagger_ui_file(filename: str):
     """Swagger UI's browser build, from app/api/swagger/node_modules."""
     if not os.path.isfile(os.path.join(SWAGGER_UI_DIST, filename)):
