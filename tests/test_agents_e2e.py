@@ -20,7 +20,8 @@ import pytest
 import requests
 
 from tests import agents
-from tests.realtime import ChatClient, Tenant, connect, new_tenant
+from tests.kit.sio import ChatClient, connect
+from tests.kit.rest import Tenant, new_tenant
 
 pytestmark = pytest.mark.e2e
 

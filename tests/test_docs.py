@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ADMIN_TOKEN, ROOT, free_port, stop_server
+from tests.kit.servers import ADMIN_TOKEN, ROOT, free_port, stop_server
 from tests.test_js_client import PACKAGE as JS_PACKAGE, run_js  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e

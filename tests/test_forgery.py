@@ -43,8 +43,9 @@ from itsdangerous import URLSafeSerializer
 
 from app.tokens import CONNECTION_SALT, MESSAGE_SALT
 from tests import agents
-from tests.conftest import ADMIN_TOKEN, ROOT
-from tests.realtime import NAMESPACE, ChatClient, Tenant, connect, new_tenant, refusal_code
+from tests.kit.servers import ADMIN_TOKEN, ROOT
+from tests.kit.sio import NAMESPACE, ChatClient, connect, refusal_code
+from tests.kit.rest import Tenant, new_tenant
 
 pytestmark = pytest.mark.e2e
 

@@ -32,8 +32,8 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from app.jsondepth import MAX_JSON_DEPTH, too_deep
-from tests.rawsio import NAMESPACE, Closed, RawSocketIO
-from tests.realtime import new_tenant
+from tests.kit.eio import NAMESPACE, Closed, RawSocketIO
+from tests.kit.rest import new_tenant
 
 pytestmark = pytest.mark.e2e
 

@@ -18,8 +18,11 @@ import pytest
 import requests
 import websocket
 
-from tests.conftest import ADMIN_TOKEN, ROOT, assert_error, procfile_command, server_env
-from tests.realtime import PlainClient, connect, new_tenant
+from tests.conftest import assert_error
+from tests.kit.servers import ADMIN_TOKEN, ROOT, procfile_command, server_env
+from tests.kit.plain import PlainClient
+from tests.kit.sio import connect
+from tests.kit.rest import new_tenant
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # get_message_string's window is RATE_LIMIT_MESSAGES per connection; per minute here, so that
@@ -395,7 +398,7 @@ CHROMIUM = "/usr/bin/chromium"
 def browser():
     import os
 
-    from tests.conftest import REQUIRE_SERVICES
+    from tests.kit.servers import REQUIRE_SERVICES
 
     if not os.path.exists(CHROMIUM):
         if REQUIRE_SERVICES:

@@ -16,8 +16,9 @@ import pytest
 import requests
 import websocket
 
-from tests.conftest import ADMIN_TOKEN
-from tests.realtime import connect, new_tenant, refusal_code
+from tests.kit.servers import ADMIN_TOKEN
+from tests.kit.sio import connect, refusal_code
+from tests.kit.rest import new_tenant
 
 SERVER_ENV = {"RATE_LIMIT_AUTH_FAILURES": "5/minute", "HOST": "127.0.0.1",
               "LOG_FORMAT": "json"}
@@ -31,7 +32,7 @@ def test_a_server_started_with_host_127_0_0_1_listens_on_loopback_only(live_serv
 
 
 def test_the_makefile_binds_127_0_0_1_unless_told_otherwise():
-    from tests.conftest import ROOT
+    from tests.kit.servers import ROOT
 
     makefile = (ROOT / "Makefile").read_text()
     assert "HOST   ?= 127.0.0.1" in makefile

@@ -6,8 +6,8 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import REDIS_TEST_URL, service_missing, start_server, stop_server
-from tests.realtime import new_tenant
+from tests.kit.servers import REDIS_TEST_URL, service_missing, start_server, stop_server
+from tests.kit.rest import new_tenant
 
 SERVER_ENV = {"RATE_LIMIT_AUTH_FAILURES": "4/minute", "REDIS_URL": REDIS_TEST_URL}
 

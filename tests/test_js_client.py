@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REQUIRE_SERVICES
-from tests.realtime import connect, new_tenant
+from tests.kit.servers import REQUIRE_SERVICES
+from tests.kit.sio import connect
+from tests.kit.rest import new_tenant
 
 pytestmark = pytest.mark.e2e
 

@@ -11,8 +11,9 @@ import pytest
 import requests
 import redis
 
-from tests.conftest import REQUIRE_SERVICES, ROOT, free_port, start_server, stop_server
-from tests.realtime import connect, new_tenant
+from tests.kit.servers import REQUIRE_SERVICES, ROOT, free_port, start_server, stop_server
+from tests.kit.sio import connect
+from tests.kit.rest import new_tenant
 
 pytestmark = pytest.mark.e2e
 

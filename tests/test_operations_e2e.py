@@ -21,8 +21,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import agents
-from tests.conftest import free_port, service_missing, start_server, stop_server
-from tests.realtime import ChatClient, Tenant, connect, new_tenant, refusal_code
+from tests.kit.servers import free_port, service_missing, start_server, stop_server
+from tests.kit.sio import ChatClient, connect, refusal_code
+from tests.kit.rest import Tenant, new_tenant
 
 pytestmark = pytest.mark.e2e
 

@@ -24,8 +24,8 @@ from workspace_chat_client import (
     ReplyPendingError,
 )
 from tests import agents
-from tests.conftest import ROOT, LiveServer, procfile_command, start_server, stop_server
-from tests.realtime import Tenant, new_tenant
+from tests.kit.servers import ROOT, LiveServer, procfile_command, start_server, stop_server
+from tests.kit.rest import Tenant, new_tenant
 
 pytestmark = pytest.mark.e2e
 

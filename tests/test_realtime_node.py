@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REQUIRE_SERVICES
-from tests.realtime import Tenant, connect, new_tenant
+from tests.kit.servers import REQUIRE_SERVICES
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.sio import connect
 
 pytestmark = pytest.mark.e2e
 

@@ -22,8 +22,9 @@ import requests
 from itsdangerous import URLSafeSerializer
 
 from app.tokens import CONNECTION_SALT, MESSAGE_SALT
-from tests.conftest import start_server, stop_server
-from tests.realtime import NAMESPACE, ChatClient, Tenant, connect, new_tenant, refusal_code
+from tests.kit.servers import start_server, stop_server
+from tests.kit.sio import NAMESPACE, ChatClient, connect, refusal_code
+from tests.kit.rest import Tenant, new_tenant
 
 pytestmark = pytest.mark.e2e
 

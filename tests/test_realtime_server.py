@@ -31,8 +31,9 @@ import psycopg2
 import pytest
 import websocket
 
-from tests.conftest import start_server, stop_server
-from tests.realtime import NAMESPACE, ChatClient, connect, new_tenant
+from tests.kit.servers import start_server, stop_server
+from tests.kit.sio import NAMESPACE, ChatClient, connect
+from tests.kit.rest import new_tenant
 
 pytestmark = pytest.mark.e2e
 

@@ -36,8 +36,9 @@ import websocket
 
 from workspace_chat_client.client import OrderedSocketIOClient
 from tests import agents
-from tests.conftest import LiveServer, start_server, stop_server
-from tests.realtime import NAMESPACE, Tenant, new_tenant
+from tests.kit.servers import LiveServer, start_server, stop_server
+from tests.kit.sio import NAMESPACE
+from tests.kit.rest import Tenant, new_tenant
 
 pytestmark = pytest.mark.e2e
 

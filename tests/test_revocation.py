@@ -19,8 +19,9 @@ import redis
 import requests
 import websocket
 
-from tests.conftest import ADMIN_TOKEN, service_missing, start_server, stop_server
-from tests.realtime import ChatClient, Tenant, connect, new_tenant, refusal_code
+from tests.kit.servers import ADMIN_TOKEN, service_missing, start_server, stop_server
+from tests.kit.sio import ChatClient, connect, refusal_code
+from tests.kit.rest import Tenant, new_tenant
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from workspace_chat_client import ChatClient
-from tests.conftest import ROOT, procfile_command, start_server, stop_server
-from tests.realtime import Tenant, new_tenant
+from tests.kit.servers import ROOT, procfile_command, start_server, stop_server
+from tests.kit.rest import Tenant, new_tenant
 
 pytestmark = pytest.mark.e2e
 
@@ -195,7 +195,7 @@ def test_a_refused_connection_says_why_and_exits_non_zero(live_server, terminals
 
 
 def test_an_unreachable_server_is_one_clear_line(terminals):
-    from tests.conftest import free_port
+    from tests.kit.servers import free_port
 
     term = terminals("--url", f"http://127.0.0.1:{free_port()}", "--api-key", "k",
                      "--user", "ann", "--chat", "c", "--timeout", "3")

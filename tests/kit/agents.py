@@ -1,12 +1,12 @@
-"""Helpers for the agent security tests: a recording HTTP listener on loopback, a chat
-client that asks one question, and direct access to a live server's stored agent."""
+"""Agents end to end: a recording HTTP listener on loopback (the agent's destination), "a
+workspace with agent X, a chat and a connected client" and asking it a question, and direct
+access to a live server's stored agent."""
 from __future__ import annotations
 
 import ipaddress
 import json
 import pathlib
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -14,7 +14,8 @@ import requests
 import sqlalchemy
 
 from app.agents import net
-from tests.realtime import ChatClient, Tenant, connect
+from tests.kit.rest import Tenant
+from tests.kit.sio import ChatClient, join as join_chat
 
 WAIT = 15.0
 
@@ -78,25 +79,9 @@ class Listener:
 
 
 def join(tenant: Tenant, chat: str, user: str = "ann") -> ChatClient:
-    client = connect(tenant.url, {"chat_id": chat,
+    """A client joined to ``chat`` with a connection string (as a browser would)."""
+    return join_chat(tenant.url, {"chat_id": chat,
                                   "connection_string": tenant.connection_string(chat, user)})
-    assert client.connect_error is None, client.connect_error
-    client.wait_for("connection_established")
-    return client
-
-
-def wait_event(client: ChatClient, name: str, match, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    with client.cond:
-        while True:
-            for event, data in client.events:
-                if event == name and match(data):
-                    return data
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no matching {name!r} within {timeout}s: "
-                                     f"{[e for e, _ in client.events]}")
-            client.cond.wait(remaining)
 
 
 def ask(client: ChatClient, content: str) -> tuple[dict, dict | None]:
@@ -104,10 +89,11 @@ def ask(client: ChatClient, content: str) -> tuple[dict, dict | None]:
     string = client.call("get_message_string")["message_string"]
     ack = client.send(content, string)
     assert ack["ok"] is True, ack
-    started = wait_event(client, "message_stream_started",
-                         lambda d: d["reply_to"] == ack["message"]["id"])
+    started = client.wait_event("message_stream_started",
+                                lambda d: d["reply_to"] == ack["message"]["id"], WAIT)
     message_id = started["message_id"]
-    ended = wait_event(client, "message_stream_ended", lambda d: d["message_id"] == message_id)
+    ended = client.wait_event("message_stream_ended", lambda d: d["message_id"] == message_id,
+                              WAIT)
     with client.cond:
         errors = [d for e, d in client.events if e == "error" and d.get("code") == "agent_error"
                   and (d.get("details") or {}).get("message_id") == message_id]

@@ -1,0 +1,146 @@
+"""A Socket.IO client on /chat (python-socketio) that records every event it receives, in
+order, with bounded waits on them."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import socketio
+from engineio.payload import Payload
+
+from tests.kit.wait import wait_until
+from workspace_chat_client.client import OrderedSocketIOClient
+
+# python-engineio's client drops a long-polling response holding more than 16 packets (a
+# replay or a fast stream does hold more), so clients over polling must raise the limit.
+Payload.max_decode_packets = 10_000
+
+NAMESPACE = "/chat"
+
+
+@dataclass
+class ChatClient:
+    """A python-socketio client on /chat that records every event it receives, in order."""
+
+    sio: socketio.Client
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    connect_error: Any = None
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def _record(self, event: str, *args: Any) -> None:
+        with self.cond:
+            self.events.append((event, args[0] if len(args) == 1 else list(args)))
+            self.cond.notify_all()
+
+    def named(self, name: str) -> list[Any]:
+        with self.cond:
+            return [data for event, data in self.events if event == name]
+
+    def names(self) -> list[str]:
+        with self.cond:
+            return [event for event, _ in self.events]
+
+    def wait_until(self, predicate: Callable[[], Any], timeout: float = 10,
+                   message: str = "a condition") -> Any:
+        """Wait (woken by each event received) until ``predicate()`` is truthy."""
+        return wait_until(predicate, timeout,
+                          lambda: f"{message}; got {self.names()}", condition=self.cond)
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 10) -> list[Any]:
+        """Wait until ``count`` events called ``name`` arrived; return them all."""
+        return self.wait_until(lambda: (self.named(name),) if len(self.named(name)) >= count
+                               else None, timeout, f"{count} x {name!r}")[0]
+
+    def wait_event(self, name: str, match: Callable[[Any], bool], timeout: float = 15) -> Any:
+        """The first ``name`` event whose data ``match`` accepts (waiting for it)."""
+        return self.wait_until(
+            lambda: next(((data,) for data in self.named(name) if match(data)), None),
+            timeout, f"a matching {name!r}")[0]
+
+    def wait_disconnected(self, timeout: float = 10) -> None:
+        # python-socketio's client announces a disconnection by no event of this namespace
+        # that arrives in every case: its state is polled
+        wait_until(lambda: not self.sio.connected, timeout,
+                   "the server to disconnect the client", interval=0.02)
+
+    @property
+    def message_string(self) -> str:
+        return self.wait_for("connection_established")[0]["message_string"]
+
+    def call(self, event: str, data: Any = None, timeout: float = 10) -> Any:
+        return self.sio.call(event, data if data is not None else {}, namespace=NAMESPACE,
+                             timeout=timeout)
+
+    def send(self, content: str, message_string: str, **extra: Any) -> dict:
+        return self.call("message", {"content": content, "message_string": message_string,
+                                     **extra})
+
+    def disconnect(self) -> None:
+        if self.sio.connected:
+            self.sio.disconnect()
+
+
+def connect(url: str, auth: dict | None = None, transport: str = "websocket",
+            query: str = "") -> ChatClient:
+    """Connect to /chat; on refusal the client is returned with ``connect_error`` set."""
+    # python-socketio's own Client handles each packet in a new thread, so a loaded machine
+    # could record events out of the order they arrived in.
+    sio = OrderedSocketIOClient(reconnection=False)
+    client = ChatClient(sio)
+    sio.on("*", client._record, namespace=NAMESPACE)
+
+    def on_connect_error(data: Any) -> None:
+        client.connect_error = data
+
+    sio.on("connect_error", on_connect_error, namespace=NAMESPACE)
+    try:
+        sio.connect(url + (f"?{query}" if query else ""), namespaces=[NAMESPACE], auth=auth,
+                    transports=[transport], wait_timeout=10)
+    except socketio.exceptions.ConnectionError:
+        if client.connect_error is None:
+            raise
+    return client
+
+
+def join(url: str, auth: dict, timeout: float = 10) -> ChatClient:
+    """Connect and wait for connection_established; fails if refused."""
+    client = connect(url, auth)
+    assert client.connect_error is None, client.connect_error
+    client.wait_for("connection_established", timeout=timeout)
+    return client
+
+
+def refusal_code(client: ChatClient) -> str | None:
+    """The contract code of a refused connection (python-socketio shape)."""
+    error = client.connect_error
+    if error is None:
+        return None
+    return (error.get("data") or {}).get("code")
+
+
+class Clients:
+    """Every client a test opens, closed at its end (see the ``clients`` fixture)."""
+
+    def __init__(self) -> None:
+        self.all: list[Any] = []
+
+    def add(self, client: Any) -> Any:
+        self.all.append(client)
+        return client
+
+    def try_connect(self, url: str, auth: dict | None, **kwargs: Any) -> ChatClient:
+        return self.add(connect(url, auth, **kwargs))
+
+    def open(self, url: str, auth: dict, timeout: float = 10) -> ChatClient:
+        client = self.try_connect(url, auth)
+        assert client.connect_error is None, (url, client.connect_error)
+        client.wait_for("connection_established", timeout=timeout)
+        return client
+
+    def close_all(self) -> None:
+        for client in self.all:
+            try:
+                client.disconnect() if hasattr(client, "disconnect") else client.close()
+            except Exception:  # a client whose server is gone, or already closed
+                pass
