@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from workspace_chat_client import ChatClient
-from tests.kit.servers import ROOT, procfile_command, start_server, stop_server
+from tests.kit.servers import run_again, start_server, stop_server
 from tests.kit.rest import Tenant, new_tenant
 
 pytestmark = pytest.mark.e2e
@@ -228,10 +228,7 @@ def test_the_terminal_reconnects_after_a_server_restart(tmp_path, terminals):
         # stop it (SIGTERM: it closes its sockets) and start it again on the same port
         stop_server(process)
         term.expect(r"Connection lost; reconnecting\.\.\.")
-        log = open(server.log_path, "ab")
-        process = subprocess.Popen(["bash", "-c", "exec " + procfile_command("web")],
-                                   cwd=ROOT, env=server.env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = run_again(server).process
         term.expect(r"Reconnected\.", timeout=60)
 
         with ChatClient(server.url, tenant.key, "ann") as ann:

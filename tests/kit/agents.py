@@ -7,15 +7,17 @@ import ipaddress
 import json
 import pathlib
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Iterator
 
+import pytest
 import requests
 import sqlalchemy
 
 from app.agents import net
-from tests.kit.rest import Tenant
-from tests.kit.sio import ChatClient, join as join_chat
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.sio import ChatClient, Clients, join as join_chat
 
 WAIT = 15.0
 
@@ -78,10 +80,53 @@ class Listener:
         self.thread.join(10)
 
 
-def join(tenant: Tenant, chat: str, user: str = "ann") -> ChatClient:
-    """A client joined to ``chat`` with a connection string (as a browser would)."""
+def join(tenant: Tenant, chat: str, user: str = "ann", transport: str = "websocket",
+         **auth: Any) -> ChatClient:
+    """A client joined to ``chat`` with a connection string (as a browser would), past
+    connection_established; ``auth`` adds to its auth payload."""
     return join_chat(tenant.url, {"chat_id": chat,
-                                  "connection_string": tenant.connection_string(chat, user)})
+                                  "connection_string": tenant.connection_string(chat, user),
+                                  **auth}, transport)
+
+
+@dataclass
+class AgentChat:
+    """A new tenant's workspace with an agent, a chat in it, and its users' joined clients.
+    Unpacks as ``tenant, chat, clients``."""
+
+    tenant: Tenant
+    workspace: str
+    chat: str
+    clients: tuple[ChatClient, ...]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.tenant, self.chat, self.clients))
+
+
+@pytest.fixture
+def agent_chat():
+    """agent_chat(server, agent, *users, members=None, transports=None) -> AgentChat.
+
+    On ``server``: a new tenant, a workspace with ``agent`` owned by the first user (the
+    others its members, or ``members``), a chat of the owner's in it, and one client per user
+    joined with a connection string (over ``transports[user]``, websocket by default). The
+    clients are disconnected at the end of the test."""
+    opened = Clients()
+
+    def make(server: Any, agent: dict, *users: str, members: tuple[str, ...] | None = None,
+             transports: dict[str, str] | None = None) -> AgentChat:
+        tenant = new_tenant(server.url)
+        owner = users[0] if users else "ann"
+        workspace = tenant.workspace(owner, members=tuple(users[1:]) if members is None
+                                     else members, agent=agent)
+        chat = tenant.chat(owner, workspace)
+        clients = tuple(opened.add(join(tenant, chat, user,
+                                        (transports or {}).get(user, "websocket")))
+                        for user in users)
+        return AgentChat(tenant, workspace, chat, clients)
+
+    yield make
+    opened.close_all()
 
 
 def ask(client: ChatClient, content: str) -> tuple[dict, dict | None]:

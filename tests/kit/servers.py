@@ -93,23 +93,31 @@ def start_server(tmp_path: Path, **env_overrides: str) -> LiveServer:
                                env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, 60, log_path)
+    except AssertionError:
+        stop_server(process)
+        raise
+    return LiveServer(url, port, process, env, log_path)
+
+
+def wait_healthy(url: str, process: subprocess.Popen | None, timeout: float,
+                 log_path: Path | None = None, interval: float = 0.1) -> None:
+    """Wait until ``url``/healthz answers 200; fail at once if ``process`` exits (with its
+    log). Polling: a starting process announces nothing else to wait on."""
+    def log() -> str:
+        return log_path.read_text(errors="replace") if log_path else ""
 
     def healthy() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {log_path.read_text(errors='replace')}")
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"server exited: {log()}")
         try:
             return requests.get(url + "/healthz", timeout=1).status_code == 200
         except requests.RequestException:
             return False
 
-    try:
-        # polling a starting process: there is no event to wait on
-        wait_until(healthy, 60, lambda: "the server to start: "
-                   + log_path.read_text(errors="replace"), interval=0.1)
-    except AssertionError:
-        stop_server(process)
-        raise
-    return LiveServer(url, port, process, env, log_path)
+    wait_until(healthy, timeout, lambda: f"the server at {url} to start: {log()}",
+               interval=interval)
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -120,6 +128,29 @@ def stop_server(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def run_again(server: LiveServer) -> LiveServer:
+    """Start a stopped server's web: line again on its port, database and SECRET_KEY (as a
+    deploy does), appending to its log; it is not waited for."""
+    log = open(server.log_path, "ab")
+    process = subprocess.Popen(["bash", "-c", "exec " + procfile_command("web")], cwd=ROOT,
+                               env=server.env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    return LiveServer(server.url, server.port, process, server.env, server.log_path)
+
+
+def restart_server(server: LiveServer) -> LiveServer:
+    """Stop the server (SIGTERM: it closes its sockets), start it again (``run_again``) and
+    wait until it answers."""
+    stop_server(server.process)
+    restarted = run_again(server)
+    try:
+        wait_healthy(server.url, restarted.process, 60, server.log_path)
+    except AssertionError:
+        stop_server(restarted.process)
+        raise
+    return restarted
 
 
 @contextmanager

@@ -2,13 +2,12 @@
 order, with bounded waits on them."""
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import socketio
 from engineio.payload import Payload
 
+from tests.kit.record import Recorder
 from tests.kit.wait import wait_until
 from workspace_chat_client.client import OrderedSocketIOClient
 
@@ -19,44 +18,16 @@ Payload.max_decode_packets = 10_000
 NAMESPACE = "/chat"
 
 
-@dataclass
-class ChatClient:
+class ChatClient(Recorder):
     """A python-socketio client on /chat that records every event it receives, in order."""
 
-    sio: socketio.Client
-    events: list[tuple[str, Any]] = field(default_factory=list)
-    connect_error: Any = None
-    cond: threading.Condition = field(default_factory=threading.Condition)
+    def __init__(self, sio: socketio.Client):
+        super().__init__()
+        self.sio = sio
+        self.connect_error: Any = None
 
     def _record(self, event: str, *args: Any) -> None:
-        with self.cond:
-            self.events.append((event, args[0] if len(args) == 1 else list(args)))
-            self.cond.notify_all()
-
-    def named(self, name: str) -> list[Any]:
-        with self.cond:
-            return [data for event, data in self.events if event == name]
-
-    def names(self) -> list[str]:
-        with self.cond:
-            return [event for event, _ in self.events]
-
-    def wait_until(self, predicate: Callable[[], Any], timeout: float = 10,
-                   message: str = "a condition") -> Any:
-        """Wait (woken by each event received) until ``predicate()`` is truthy."""
-        return wait_until(predicate, timeout,
-                          lambda: f"{message}; got {self.names()}", condition=self.cond)
-
-    def wait_for(self, name: str, count: int = 1, timeout: float = 10) -> list[Any]:
-        """Wait until ``count`` events called ``name`` arrived; return them all."""
-        return self.wait_until(lambda: (self.named(name),) if len(self.named(name)) >= count
-                               else None, timeout, f"{count} x {name!r}")[0]
-
-    def wait_event(self, name: str, match: Callable[[Any], bool], timeout: float = 15) -> Any:
-        """The first ``name`` event whose data ``match`` accepts (waiting for it)."""
-        return self.wait_until(
-            lambda: next(((data,) for data in self.named(name) if match(data)), None),
-            timeout, f"a matching {name!r}")[0]
+        self.record(event, args[0] if len(args) == 1 else list(args))
 
     def wait_disconnected(self, timeout: float = 10) -> None:
         # python-socketio's client announces a disconnection by no event of this namespace
@@ -103,9 +74,10 @@ def connect(url: str, auth: dict | None = None, transport: str = "websocket",
     return client
 
 
-def join(url: str, auth: dict, timeout: float = 10) -> ChatClient:
+def join(url: str, auth: dict, transport: str = "websocket",
+         timeout: float = 10) -> ChatClient:
     """Connect and wait for connection_established; fails if refused."""
-    client = connect(url, auth)
+    client = connect(url, auth, transport)
     assert client.connect_error is None, client.connect_error
     client.wait_for("connection_established", timeout=timeout)
     return client
