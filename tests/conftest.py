@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 # REDIS_TEST_URL for tests/test_state.py, which imports it from here
+from tests.kit.clients import Clients
 from tests.kit.servers import (ADMIN_TOKEN, REDIS_TEST_URL, service_missing,  # noqa: F401
                                start_server, stop_server)
 
@@ -204,7 +205,7 @@ def assert_error(response, status: int, code: str) -> dict:
     return body["error"]
 
 
-# --- the real server process ---------------------------------------------------------------
+# --- the real server process and its clients -----------------------------------------------
 
 @pytest.fixture(scope="module")
 def live_server(request, tmp_path_factory):
@@ -228,3 +229,13 @@ def rt_server(request, tmp_path_factory):
     server = start_server(tmp_path_factory.mktemp(f"rt-{request.param}"), **env)
     yield server
     stop_server(server.process)
+
+
+@pytest.fixture
+def clients(request) -> Clients:
+    """The socket clients a test opens (``clients.open``, ``.try_connect``, ``.plain``),
+    all closed at its end. A module may set ``CLIENT_TIMEOUT`` (seconds; 10 by default) to
+    bound their waits."""
+    opened = Clients(getattr(request.module, "CLIENT_TIMEOUT", 10))
+    yield opened
+    opened.close_all()

@@ -89,30 +89,3 @@ def refusal_code(client: ChatClient) -> str | None:
     if error is None:
         return None
     return (error.get("data") or {}).get("code")
-
-
-class Clients:
-    """Every client a test opens, closed at its end (see the ``clients`` fixture)."""
-
-    def __init__(self) -> None:
-        self.all: list[Any] = []
-
-    def add(self, client: Any) -> Any:
-        self.all.append(client)
-        return client
-
-    def try_connect(self, url: str, auth: dict | None, **kwargs: Any) -> ChatClient:
-        return self.add(connect(url, auth, **kwargs))
-
-    def open(self, url: str, auth: dict, timeout: float = 10) -> ChatClient:
-        client = self.try_connect(url, auth)
-        assert client.connect_error is None, (url, client.connect_error)
-        client.wait_for("connection_established", timeout=timeout)
-        return client
-
-    def close_all(self) -> None:
-        for client in self.all:
-            try:
-                client.disconnect() if hasattr(client, "disconnect") else client.close()
-            except Exception:  # a client whose server is gone, or already closed
-                pass
