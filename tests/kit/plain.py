@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from typing import Any
 from urllib.parse import urlencode
 
 import websocket
 
 from tests.kit.eio import Closed
+from tests.kit.record import Recorder
 
 
 class PlainClient:
@@ -76,3 +79,46 @@ class PlainClient:
             self.ws.close()
         except Exception:  # already closed by the server
             pass
+
+
+class RecordingPlainClient(Recorder):
+    """A /ws/chat connection whose frames a reader thread records as they arrive, so that a
+    test waits on it as on a Socket.IO ChatClient (``events``, ``wait_for``, ``wait_until``);
+    ``closed`` once the server closed it (the waiters are woken)."""
+
+    def __init__(self, url: str, params: dict[str, Any], timeout: float = 10):
+        super().__init__()
+        ws_url = url.replace("http://", "ws://") + "/ws/chat?" + urlencode(params)
+        self.ws = websocket.create_connection(ws_url, timeout=timeout)
+        self.ws.settimeout(None)
+        self.closed = False
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                raw = self.ws.recv()
+                if not raw:  # websocket-client's answer to a close frame
+                    break
+                frame = json.loads(raw)
+                self.record(frame["event"], frame["data"])
+        except Exception:  # the socket closed under the reader
+            pass
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def send(self, frame: Any) -> None:
+        self.ws.send(json.dumps(frame))
+
+    def close(self) -> None:
+        try:
+            self.ws.sock.shutdown(socket.SHUT_RDWR)
+        except Exception:
+            pass
+        try:
+            self.ws.close()
+        except Exception:
+            pass
+        self.reader.join(5)
