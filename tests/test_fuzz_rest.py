@@ -44,8 +44,8 @@ from schemathesis.core.parameters import ParameterLocation
 from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.specs.openapi import checks as openapi_checks
 
-from tests.kit.servers import ADMIN_TOKEN, start_server, stop_server
 from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import ADMIN_TOKEN, start_server, stop_server
 from tests.kit.sio import connect
 
 SERVER_ENV = {"RATE_LIMIT_REST": "1000000/minute", "RATE_LIMIT_AUTH_FAILURES": "1000000/minute",

@@ -15,9 +15,9 @@ import pytest
 import requests
 import websocket
 
+from tests.kit.rest import new_tenant
 from tests.kit.servers import ADMIN_TOKEN, log_has
 from tests.kit.sio import connect, refusal_code
-from tests.kit.rest import new_tenant
 
 SERVER_ENV = {"RATE_LIMIT_AUTH_FAILURES": "5/minute", "HOST": "127.0.0.1",
               "LOG_FORMAT": "json"}

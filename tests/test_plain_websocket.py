@@ -5,8 +5,8 @@ import requests
 import websocket
 
 from tests.kit.plain import PlainClient
-from tests.kit.sio import connect
 from tests.kit.rest import new_tenant
+from tests.kit.sio import connect
 
 pytestmark = pytest.mark.e2e
 

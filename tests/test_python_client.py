@@ -24,8 +24,8 @@ from workspace_chat_client import (
 )
 from tests import agents
 from tests.kit import record as kit_record
-from tests.kit.servers import restart_server, start_server, stop_server
 from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import restart_server, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from tests.kit.rest import Tenant, new_tenant
 from tests.kit.servers import REDIS_TEST_URL, service_missing, start_server, stop_server
 from tests.kit.sio import ChatClient, connect, refusal_code
-from tests.kit.rest import Tenant, new_tenant
 
 pytestmark = pytest.mark.e2e
 

@@ -13,9 +13,9 @@ import pytest
 
 from app.config import from_env
 from tests import agents
+from tests.kit.rest import Tenant, new_tenant
 from tests.kit.servers import start_server, stop_server
 from tests.kit.sio import ChatClient, connect
-from tests.kit.rest import Tenant, new_tenant
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from workspace_chat_client import ChatClient
-from tests.kit.servers import run_again, start_server, stop_server
 from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import run_again, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 

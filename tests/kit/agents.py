@@ -16,8 +16,8 @@ import requests
 import sqlalchemy
 
 from app.agents import net
-from tests.kit.rest import Tenant, new_tenant
 from tests.kit.clients import Clients
+from tests.kit.rest import Tenant, new_tenant
 from tests.kit.sio import ChatClient, join as join_chat
 
 WAIT = 15.0
