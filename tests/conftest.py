@@ -6,27 +6,18 @@ the suite creates and drops. With REQUIRE_SERVICES=1 (CI) a missing service fail
 from __future__ import annotations
 
 import os
-import re
-import shlex
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+# REDIS_TEST_URL for tests/test_state.py, which imports it from here
+from tests.kit.clients import Clients
+from tests.kit.servers import (ADMIN_TOKEN, REDIS_TEST_URL, service_missing,  # noqa: F401
+                               start_server, stop_server)
+
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
-ADMIN_TOKEN = "test-admin-token"
 
 # Fuzzing (hypothesis): no per-example deadline (a real server on a shared machine is noisy),
 # no example database in the repo, and under CI a fixed seed so a red run can be replayed.
@@ -36,14 +27,6 @@ hypothesis_settings.register_profile(
     "suite", deadline=None, database=None, derandomize=os.environ.get("CI") == "true",
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 hypothesis_settings.load_profile("suite")
-
-
-def service_missing(what: str, exc: Exception) -> None:
-    """Fail under REQUIRE_SERVICES=1 (CI), skip otherwise."""
-    message = f"{what} is not reachable: {exc}"
-    if REQUIRE_SERVICES:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 # --- databases -----------------------------------------------------------------------------
@@ -222,79 +205,7 @@ def assert_error(response, status: int, code: str) -> dict:
     return body["error"]
 
 
-# --- the real server process ---------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def procfile_command(kind: str) -> str:
-    """The command of a Procfile line (``web`` or ``release``)."""
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        match = re.match(rf"^{kind}:\s*(.+)$", line)
-        if match:
-            return match.group(1)
-    raise AssertionError(f"Procfile has no {kind}: line")
-
-
-@dataclass
-class LiveServer:
-    url: str
-    port: int
-    process: subprocess.Popen
-    env: dict[str, str]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def server_env(**overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "PYTEST_"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update({"SECRET_KEY": "live-secret", "ADMIN_TOKEN": ADMIN_TOKEN, "ACCESS_LOG": "0"})
-    env.update(overrides)
-    return env
-
-
-def start_server(tmp_path: Path, **env_overrides: str) -> LiveServer:
-    """Run the Procfile's release: then web: lines, as a Heroku-style host would, on a free port."""
-    port = free_port()
-    env = server_env(PORT=str(port), **env_overrides)
-    env.setdefault("DATABASE_URL", "sqlite:///" + str(tmp_path / "live.db"))
-    subprocess.run(shlex.split(procfile_command("release")), cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=120)
-    log_path = tmp_path / f"server-{port}.log"
-    log = open(log_path, "wb")
-    process = subprocess.Popen(["bash", "-c", "exec " + procfile_command("web")], cwd=ROOT,
-                               env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {log_path.read_text(errors='replace')}")
-        try:
-            if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                return LiveServer(url, port, process, env, log_path)
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)  # polling a starting process: there is no event to wait on
-    stop_server(process)
-    raise AssertionError(f"server did not start: {log_path.read_text(errors='replace')}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
+# --- the real server process and its clients -----------------------------------------------
 
 @pytest.fixture(scope="module")
 def live_server(request, tmp_path_factory):
@@ -318,3 +229,13 @@ def rt_server(request, tmp_path_factory):
     server = start_server(tmp_path_factory.mktemp(f"rt-{request.param}"), **env)
     yield server
     stop_server(server.process)
+
+
+@pytest.fixture
+def clients(request) -> Clients:
+    """The socket clients a test opens (``clients.open``, ``.try_connect``, ``.plain``),
+    all closed at its end. A module may set ``CLIENT_TIMEOUT`` (seconds; 10 by default) to
+    bound their waits."""
+    opened = Clients(getattr(request.module, "CLIENT_TIMEOUT", 10))
+    yield opened
+    opened.close_all()

@@ -2,7 +2,8 @@
 import pytest
 from sqlalchemy import inspect, select
 
-from tests.conftest import ADMIN_TOKEN, assert_error, base_config
+from tests.conftest import assert_error, base_config
+from tests.kit.servers import ADMIN_TOKEN
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

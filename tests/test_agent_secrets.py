@@ -23,10 +23,9 @@ import pytest
 import requests
 
 from app.agents import secrets
-from tests.conftest import free_port
-from tests.realtime import new_tenant
-from tests.agent_helpers import (Listener, ask, ask_once, join, set_stored_agent,
-                                 stored_agent_text)
+from tests.kit.agents import Listener, ask, ask_once, join, set_stored_agent, stored_agent_text
+from tests.kit.rest import new_tenant
+from tests.kit.servers import free_port
 
 KEY_A, KEY_B = "old-secret-key-A", "new-secret-key-B"
 SERVER_ENV = {"SECRET_KEY": KEY_B, "SECRET_KEY_FALLBACKS": KEY_A,

@@ -22,9 +22,9 @@ import pytest
 import requests
 
 from app.agents import net
-from tests.agent_helpers import (Listener, ask, ask_once, join, loopback_names,
-                                 set_stored_agent, validation_details)
-from tests.realtime import new_tenant
+from tests.kit.agents import (Listener, ask, ask_once, join, loopback_names, set_stored_agent,
+                              validation_details)
+from tests.kit.rest import new_tenant
 
 #: importing tests.agent_marker(_listed) writes a file here (see those modules)
 MARKER_DIR = pathlib.Path(tempfile.mkdtemp(prefix="agent-import-marker-"))

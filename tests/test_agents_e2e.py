@@ -11,16 +11,17 @@ import hashlib
 import hmac
 import json
 import threading
-import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
 
 from tests import agents
-from tests.realtime import ChatClient, Tenant, connect, new_tenant
+from tests.kit.agents import agent_chat, join  # noqa: F401 (agent_chat: a fixture)
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.sio import ChatClient, join as join_chat
 
 pytestmark = pytest.mark.e2e
 
@@ -244,27 +245,6 @@ def webhook_server():
 
 # --- helpers -------------------------------------------------------------------------------
 
-def join(tenant: Tenant, chat: str, user: str = "ann", transport: str = "websocket",
-         **auth: Any) -> ChatClient:
-    """A client connected to the chat with a connection string, past connection_established."""
-    client = connect(tenant.url, {"chat_id": chat,
-                                  "connection_string": tenant.connection_string(chat, user),
-                                  **auth}, transport)
-    assert client.connect_error is None, client.connect_error
-    client.wait_for("connection_established")
-    return client
-
-
-def rejoin(tenant: Tenant, chat: str, user: str, transport: str = "websocket",
-           **auth: Any) -> ChatClient:
-    """A client connected as a trusted server-side client (API key and user id)."""
-    client = connect(tenant.url, {"chat_id": chat, "api_key": tenant.key, "user_id": user,
-                                  **auth}, transport)
-    assert client.connect_error is None, client.connect_error
-    client.wait_for("connection_established")
-    return client
-
-
 def say(client: ChatClient, content: str, **extra: Any) -> dict:
     """Send a message with a fresh message string; return the ack, whatever it says."""
     string = client.call("get_message_string")["message_string"]
@@ -278,48 +258,14 @@ def post(client: ChatClient, content: str, **extra: Any) -> dict:
     return ack["message"]
 
 
-def find(client: ChatClient, name: str, match: Callable[[Any], bool] = lambda d: True):
-    with client.cond:
-        return next((data for event, data in client.events
-                     if event == name and match(data)), None)
-
-
-def wait_event(client: ChatClient, name: str, match: Callable[[Any], bool] = lambda d: True,
-               timeout: float = WAIT) -> Any:
-    """The first event ``name`` whose data matches, waiting for it up to ``timeout``."""
-    deadline = time.monotonic() + timeout
-    with client.cond:
-        while True:
-            for event, data in client.events:
-                if event == name and match(data):
-                    return data
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"waited {timeout}s for {name!r}; got "
-                                     f"{[e for e, _ in client.events]}")
-            client.cond.wait(remaining)
-
-
-def wait_until(client: ChatClient, predicate: Callable[[], bool], what: str,
-               timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    with client.cond:
-        while not predicate():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"waited {timeout}s for {what}; got "
-                                     f"{[e for e, _ in client.events]}")
-            client.cond.wait(remaining)
-
-
 def started_for(client: ChatClient, user_message: dict, timeout: float = WAIT) -> dict:
-    return wait_event(client, "message_stream_started",
-                      lambda d: d["reply_to"] == user_message["id"], timeout)
+    return client.wait_event("message_stream_started",
+                             lambda d: d["reply_to"] == user_message["id"], timeout)
 
 
 def ended_for(client: ChatClient, message_id: str, timeout: float = WAIT) -> dict:
-    return wait_event(client, "message_stream_ended", lambda d: d["message_id"] == message_id,
-                      timeout)
+    return client.wait_event("message_stream_ended", lambda d: d["message_id"] == message_id,
+                             timeout)
 
 
 def tokens_of(client: ChatClient, message_id: str) -> list[dict]:
@@ -385,7 +331,7 @@ def assert_stored_reply(tenant: Tenant, chat: str, message_id: str, user_message
 
 
 def assert_agent_error(client: ChatClient, message_id: str, secret_words: tuple[str, ...] = ()):
-    error = wait_event(client, "error", lambda d: d.get("code") == "agent_error")
+    error = client.wait_event("error", lambda d: d.get("code") == "agent_error", WAIT)
     assert set(error) == {"code", "message", "details"}, error
     assert isinstance(error["message"], str) and error["message"], error
     assert isinstance(error["details"], dict), error
@@ -403,338 +349,278 @@ def disconnect(*clients: ChatClient | None) -> None:
 
 # --- echo ----------------------------------------------------------------------------------
 
-def test_echo_agent_streams_the_words_back(rt_server):
-    tenant = new_tenant(rt_server.url)
-    chat = tenant.chat("ann", tenant.workspace("ann", agent={"kind": "echo"}))
-    ann = join(tenant, chat)
-    try:
-        user = post(ann, "hello there friend")
-        message_id, tokens, ended = complete_stream(ann, chat, user)
-        assert tokens == ["hello", " there", " friend"]
-        assert ended == {"message_id": message_id, "chat_id": chat,
-                         "content": "hello there friend", "finish_reason": "stop"}
-        assert_stored_reply(tenant, chat, message_id, user, "hello there friend")
-        assert [m["id"] for m in tenant.history(chat)] == [user["id"], message_id]
-    finally:
-        ann.disconnect()
+def test_echo_agent_streams_the_words_back(rt_server, agent_chat):
+    tenant, chat, (ann,) = agent_chat(rt_server, {"kind": "echo"}, "ann")
+    user = post(ann, "hello there friend")
+    message_id, tokens, ended = complete_stream(ann, chat, user)
+    assert tokens == ["hello", " there", " friend"]
+    assert ended == {"message_id": message_id, "chat_id": chat,
+                     "content": "hello there friend", "finish_reason": "stop"}
+    assert_stored_reply(tenant, chat, message_id, user, "hello there friend")
+    assert [m["id"] for m in tenant.history(chat)] == [user["id"], message_id]
 
 
 # --- openai --------------------------------------------------------------------------------
 
 def test_openai_agent_streams_to_every_client_with_a_bounded_signed_in_conversation(
-        rt_server, openai_server):
-    tenant = new_tenant(rt_server.url)
+        rt_server, agent_chat, openai_server):
     agent = {"kind": "openai", "base_url": openai_server.url + "/v1", "model": "m",
              "api_key": OPENAI_KEY, "system_prompt": "Be brief.", "history": 2}
-    ws = tenant.workspace("ann", members=("bob",), agent=agent)
-    shown = requests.get(f"{tenant.url}/api/v1/workspaces/{ws}", headers=tenant.headers,
-                         timeout=10)
+    setup = agent_chat(rt_server, agent, "ann", "bob", transports={"bob": "polling"})
+    tenant, chat, (ann, bob) = setup
+    shown = requests.get(f"{tenant.url}/api/v1/workspaces/{setup.workspace}",
+                         headers=tenant.headers, timeout=10)
     assert shown.status_code == 200 and OPENAI_KEY not in shown.text, shown.text
     assert shown.json()["agent"]["api_key_set"] is True
 
-    chat = tenant.chat("ann", ws)
-    ann = join(tenant, chat)
-    bob = join(tenant, chat, "bob", "polling")
+    replies = []
+    for text in ("first question", "second question"):
+        user = post(ann, text)
+        replies.append(complete_stream(ann, chat, user))
+        complete_stream(bob, chat, user)
+
+    third = f"third question {uuid.uuid4().hex[:6]}"
+    gate = openai_server.gate(third)
     try:
-        replies = []
-        for text in ("first question", "second question"):
-            user = post(ann, text)
-            replies.append(complete_stream(ann, chat, user))
-            complete_stream(bob, chat, user)
-
-        third = f"third question {uuid.uuid4().hex[:6]}"
-        gate = openai_server.gate(third)
-        try:
-            user = post(bob, third)
-            # The first token reaches both clients while the model is still writing.
-            for client in (ann, bob):
-                started = started_for(client, user)
-                first = wait_event(client, "message_stream_token",
-                                   lambda d: d["message_id"] == started["message_id"])
-                assert first["index"] == 0 and first["token"] == "You"
-                assert find(client, "message_stream_ended",
-                            lambda d: d["message_id"] == started["message_id"]) is None
-        finally:
-            gate.set()
-        message_id, ann_tokens, ann_ended = complete_stream(ann, chat, user)
-        bob_id, bob_tokens, bob_ended = complete_stream(bob, chat, user)
-        assert bob_id == message_id and bob_tokens == ann_tokens and bob_ended == ann_ended
-        assert ann_tokens == openai_tokens(third)
-        assert ann_ended["content"] == "".join(openai_tokens(third))
-        assert ann_ended["finish_reason"] == "stop"
-        assert_stored_reply(tenant, chat, message_id, user, ann_ended["content"])
-
-        requests_seen = openai_server.recorded()
-        assert len(requests_seen) == 3
-        for seen in requests_seen:
-            assert seen["path"] == "/v1/chat/completions"
-            assert seen["authorization"] == f"Bearer {OPENAI_KEY}"
-            assert seen["body"]["model"] == "m" and seen["body"]["stream"] is True
-            assert seen["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
-        assert requests_seen[0]["body"]["messages"] == [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "first question"}]
-        # history: 2 -> the last two messages before the new one, then the new one.
-        assert requests_seen[2]["body"]["messages"] == [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "second question"},
-            {"role": "assistant", "content": replies[1][2]["content"]},
-            {"role": "user", "content": third}]
+        user = post(bob, third)
+        # The first token reaches both clients while the model is still writing.
+        for client in (ann, bob):
+            started = started_for(client, user)
+            first = client.wait_event("message_stream_token",
+                                      lambda d: d["message_id"] == started["message_id"], WAIT)
+            assert first["index"] == 0 and first["token"] == "You"
+            assert client.find("message_stream_ended",
+                        lambda d: d["message_id"] == started["message_id"]) is None
     finally:
-        disconnect(ann, bob)
+        gate.set()
+    message_id, ann_tokens, ann_ended = complete_stream(ann, chat, user)
+    bob_id, bob_tokens, bob_ended = complete_stream(bob, chat, user)
+    assert bob_id == message_id and bob_tokens == ann_tokens and bob_ended == ann_ended
+    assert ann_tokens == openai_tokens(third)
+    assert ann_ended["content"] == "".join(openai_tokens(third))
+    assert ann_ended["finish_reason"] == "stop"
+    assert_stored_reply(tenant, chat, message_id, user, ann_ended["content"])
+
+    requests_seen = openai_server.recorded()
+    assert len(requests_seen) == 3
+    for seen in requests_seen:
+        assert seen["path"] == "/v1/chat/completions"
+        assert seen["authorization"] == f"Bearer {OPENAI_KEY}"
+        assert seen["body"]["model"] == "m" and seen["body"]["stream"] is True
+        assert seen["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert requests_seen[0]["body"]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first question"}]
+    # history: 2 -> the last two messages before the new one, then the new one.
+    assert requests_seen[2]["body"]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "second question"},
+        {"role": "assistant", "content": replies[1][2]["content"]},
+        {"role": "user", "content": third}]
 
 
 # --- webhook -------------------------------------------------------------------------------
 
-def test_webhook_json_reply_with_a_signed_body_of_message_objects(rt_server, webhook_server):
-    tenant = new_tenant(rt_server.url)
-    ws = tenant.workspace("ann", agent={"kind": "webhook", "url": webhook_server.url + "/json",
-                                        "secret": WEBHOOK_SECRET})
+def test_webhook_json_reply_with_a_signed_body_of_message_objects(rt_server, agent_chat,
+                                                                   webhook_server):
+    setup = agent_chat(rt_server, {"kind": "webhook", "url": webhook_server.url + "/json",
+                                   "secret": WEBHOOK_SECRET}, "ann")
+    tenant, chat, (ann,) = setup
+    ws = setup.workspace
     shown = requests.get(f"{tenant.url}/api/v1/workspaces/{ws}", headers=tenant.headers,
                          timeout=10)
     assert shown.status_code == 200 and WEBHOOK_SECRET not in shown.text, shown.text
 
-    chat = tenant.chat("ann", ws)
-    ann = join(tenant, chat)
-    try:
-        first = post(ann, "first", client_message_id="cm-1")
-        first_id, _, first_ended = complete_stream(ann, chat, first)
-        second = post(ann, "second")
-        second_id, tokens, ended = complete_stream(ann, chat, second)
-        expected = "".join(webhook_tokens("second"))
-        assert tokens == [expected]
-        assert ended == {"message_id": second_id, "chat_id": chat, "content": expected,
-                         "finish_reason": "stop"}
-        assert first_ended["content"] == "".join(webhook_tokens("first"))
-        assert_stored_reply(tenant, chat, second_id, second, expected)
+    first = post(ann, "first", client_message_id="cm-1")
+    first_id, _, first_ended = complete_stream(ann, chat, first)
+    second = post(ann, "second")
+    second_id, tokens, ended = complete_stream(ann, chat, second)
+    expected = "".join(webhook_tokens("second"))
+    assert tokens == [expected]
+    assert ended == {"message_id": second_id, "chat_id": chat, "content": expected,
+                     "finish_reason": "stop"}
+    assert first_ended["content"] == "".join(webhook_tokens("first"))
+    assert_stored_reply(tenant, chat, second_id, second, expected)
 
-        seen = webhook_server.recorded()
-        assert [s["verified"] for s in seen] == [True, True], seen
-        assert all(s["content_type"].startswith("application/json") for s in seen)
-        history = tenant.history(chat)
-        for request, message, before in ((seen[0], first, []), (seen[1], second, history[:2])):
-            body = request["body"]
-            assert set(body) == {"workspace_id", "chat_id", "message", "history"}, body
-            assert body["workspace_id"] == ws and body["chat_id"] == chat
-            assert set(body["message"]) == MESSAGE_KEYS and body["message"] == message
-            assert all(set(m) == MESSAGE_KEYS for m in body["history"])
-            assert body["history"] == before  # message objects, oldest first
-        assert [m["id"] for m in history[:2]] == [first["id"], first_id]
-        assert seen[1]["body"]["history"][1]["role"] == "agent"
-    finally:
-        ann.disconnect()
+    seen = webhook_server.recorded()
+    assert [s["verified"] for s in seen] == [True, True], seen
+    assert all(s["content_type"].startswith("application/json") for s in seen)
+    history = tenant.history(chat)
+    for request, message, before in ((seen[0], first, []), (seen[1], second, history[:2])):
+        body = request["body"]
+        assert set(body) == {"workspace_id", "chat_id", "message", "history"}, body
+        assert body["workspace_id"] == ws and body["chat_id"] == chat
+        assert set(body["message"]) == MESSAGE_KEYS and body["message"] == message
+        assert all(set(m) == MESSAGE_KEYS for m in body["history"])
+        assert body["history"] == before  # message objects, oldest first
+    assert [m["id"] for m in history[:2]] == [first["id"], first_id]
+    assert seen[1]["body"]["history"][1]["role"] == "agent"
 
 
 @pytest.mark.parametrize("framing", ["chunked", "close"])
 @pytest.mark.parametrize("mode", ["ndjson", "sse"])
-def test_webhook_streamed_reply_reaches_clients_token_by_token(rt_server, webhook_server, mode,
-                                                               framing):
+def test_webhook_streamed_reply_reaches_clients_token_by_token(rt_server, agent_chat,
+                                                               webhook_server, mode, framing):
     """A streamed body (chunked, or HTTP/1.0 ending when the connection closes): each token
     reaches the clients as the webhook flushes it, not when the body is complete."""
-    tenant = new_tenant(rt_server.url)
     url = f"{webhook_server.url}/{mode}/{framing}"
-    ws = tenant.workspace("ann", members=("bob",),
-                          agent={"kind": "webhook", "url": url, "secret": WEBHOOK_SECRET})
-    chat = tenant.chat("ann", ws)
-    ann = join(tenant, chat)
-    bob = join(tenant, chat, "bob")
+    tenant, chat, (ann, bob) = agent_chat(
+        rt_server, {"kind": "webhook", "url": url, "secret": WEBHOOK_SECRET}, "ann", "bob")
+    content = f"stream me {uuid.uuid4().hex[:6]}"
+    gate = webhook_server.gate(content)
     try:
-        content = f"stream me {uuid.uuid4().hex[:6]}"
-        gate = webhook_server.gate(content)
-        try:
-            user = post(ann, content)
-            for client in (ann, bob):
-                message_id = started_for(client, user)["message_id"]
-
-                def first_or_end() -> bool:
-                    return (find(client, "message_stream_token",
-                                 lambda d: d["message_id"] == message_id) is not None
-                            or find(client, "message_stream_ended",
-                                    lambda d: d["message_id"] == message_id) is not None)
-
-                wait_until(client, first_or_end, "the first token", AGENT_TIMEOUT + WAIT)
-                ended = find(client, "message_stream_ended",
-                             lambda d: d["message_id"] == message_id)
-                assert ended is None, (
-                    "the first token was not relayed while the webhook held the rest of its "
-                    f"body; the stream ended instead: {ended}")
-                assert tokens_of(client, message_id)[0]["token"] == "Got"
-        finally:
-            gate.set()
-        expected = webhook_tokens(content)
+        user = post(ann, content)
         for client in (ann, bob):
-            message_id, tokens, ended = complete_stream(client, chat, user)
-            assert tokens == expected
-            assert ended["content"] == "".join(expected) and ended["finish_reason"] == "stop"
-        assert_stored_reply(tenant, chat, message_id, user, "".join(expected))
-        assert [s["verified"] for s in webhook_server.recorded()] == [True]
+            message_id = started_for(client, user)["message_id"]
+
+            def first_or_end() -> bool:
+                return (client.find("message_stream_token",
+                             lambda d: d["message_id"] == message_id) is not None
+                        or client.find("message_stream_ended",
+                                lambda d: d["message_id"] == message_id) is not None)
+
+            client.wait_until(first_or_end, AGENT_TIMEOUT + WAIT, "the first token")
+            ended = client.find("message_stream_ended",
+                         lambda d: d["message_id"] == message_id)
+            assert ended is None, (
+                "the first token was not relayed while the webhook held the rest of its "
+                f"body; the stream ended instead: {ended}")
+            assert tokens_of(client, message_id)[0]["token"] == "Got"
     finally:
-        disconnect(ann, bob)
+        gate.set()
+    expected = webhook_tokens(content)
+    for client in (ann, bob):
+        message_id, tokens, ended = complete_stream(client, chat, user)
+        assert tokens == expected
+        assert ended["content"] == "".join(expected) and ended["finish_reason"] == "stop"
+    assert_stored_reply(tenant, chat, message_id, user, "".join(expected))
+    assert [s["verified"] for s in webhook_server.recorded()] == [True]
 
 
 @pytest.mark.parametrize("failure", ["wrong-secret", "no-secret", "http-500"])
 def test_webhook_refusal_ends_with_error_and_agent_error_to_every_client(
-        rt_server, webhook_server, failure):
-    tenant = new_tenant(rt_server.url)
+        rt_server, agent_chat, webhook_server, failure):
     agent = {"wrong-secret": {"kind": "webhook", "url": webhook_server.url + "/json",
                               "secret": "not-the-webhooks-secret"},
              "no-secret": {"kind": "webhook", "url": webhook_server.url + "/json"},
              "http-500": {"kind": "webhook", "url": webhook_server.url + "/500",
                           "secret": WEBHOOK_SECRET}}[failure]
-    ws = tenant.workspace("ann", members=("bob",), agent=agent)
-    chat = tenant.chat("ann", ws)
-    ann = join(tenant, chat)
-    bob = join(tenant, chat, "bob", "polling")
-    try:
-        user = post(ann, "are you there?")
-        for client in (ann, bob):
-            message_id, tokens, ended = complete_stream(client, chat, user)
-            assert tokens == []
-            assert ended == {"message_id": message_id, "chat_id": chat, "content": "",
-                             "finish_reason": "error"}
-            assert_agent_error(client, message_id, ("not-the-webhooks-secret", WEBHOOK_SECRET))
-        assert_stored_reply(tenant, chat, message_id, user, "")
-        seen = webhook_server.recorded()
-        assert len(seen) == 1 and seen[0]["verified"] is (failure == "http-500"), seen
+    tenant, chat, (ann, bob) = agent_chat(rt_server, agent, "ann", "bob",
+                                          transports={"bob": "polling"})
+    user = post(ann, "are you there?")
+    for client in (ann, bob):
+        message_id, tokens, ended = complete_stream(client, chat, user)
+        assert tokens == []
+        assert ended == {"message_id": message_id, "chat_id": chat, "content": "",
+                         "finish_reason": "error"}
+        assert_agent_error(client, message_id, ("not-the-webhooks-secret", WEBHOOK_SECRET))
+    assert_stored_reply(tenant, chat, message_id, user, "")
+    seen = webhook_server.recorded()
+    assert len(seen) == 1 and seen[0]["verified"] is (failure == "http-500"), seen
 
-        # The chat is free again: the next message is accepted (and fails the same way).
-        again = post(bob, "still there?")
-        complete_stream(bob, chat, again)
-    finally:
-        disconnect(ann, bob)
+    # The chat is free again: the next message is accepted (and fails the same way).
+    again = post(bob, "still there?")
+    complete_stream(bob, chat, again)
 
 
 # --- python agent: failure, busy, stop, timeout ------------------------------------------
 
-def test_python_agent_failure_stores_the_partial_reply_and_reports_agent_error(rt_server):
-    tenant = new_tenant(rt_server.url)
-    ws = tenant.workspace("ann", members=("bob",), agent=SCRIPTED)
-    chat = tenant.chat("ann", ws)
-    ann = join(tenant, chat)
-    bob = join(tenant, chat, "bob")
-    try:
-        user = post(ann, "fail 2")
-        for client in (ann, bob):
-            message_id, tokens, ended = complete_stream(client, chat, user)
-            assert tokens == ["t0 ", "t1 "]
-            assert ended == {"message_id": message_id, "chat_id": chat, "content": "t0 t1 ",
-                             "finish_reason": "error"}
-            error = assert_agent_error(client, message_id, ("hunter2", "RuntimeError",
-                                                            "Traceback"))
-            assert errors_of(client, "agent_error") == [error]
-        assert_stored_reply(tenant, chat, message_id, user, "t0 t1 ")
-    finally:
-        disconnect(ann, bob)
+def test_python_agent_failure_stores_the_partial_reply_and_reports_agent_error(
+        rt_server, agent_chat):
+    tenant, chat, (ann, bob) = agent_chat(rt_server, SCRIPTED, "ann", "bob")
+    user = post(ann, "fail 2")
+    for client in (ann, bob):
+        message_id, tokens, ended = complete_stream(client, chat, user)
+        assert tokens == ["t0 ", "t1 "]
+        assert ended == {"message_id": message_id, "chat_id": chat, "content": "t0 t1 ",
+                         "finish_reason": "error"}
+        error = assert_agent_error(client, message_id, ("hunter2", "RuntimeError",
+                                                        "Traceback"))
+        assert errors_of(client, "agent_error") == [error]
+    assert_stored_reply(tenant, chat, message_id, user, "t0 t1 ")
 
 
 def test_message_while_a_reply_streams_is_chat_busy_and_the_chat_is_free_when_it_ends(
-        rt_server):
-    tenant = new_tenant(rt_server.url)
-    ws = tenant.workspace("ann", members=("bob",), agent=SCRIPTED)
-    chat = tenant.chat("ann", ws)
-    ann = join(tenant, chat)
-    bob = join(tenant, chat, "bob")
-    try:
-        user = post(ann, "tokens 20 0.05")
-        # Busy from the moment the message is accepted, before the stream has even started.
-        busy = say(bob, "me first")
-        assert busy["ok"] is False and busy["error"]["code"] == "chat_busy", busy
-        message_id = started_for(ann, user)["message_id"]
-        wait_event(ann, "message_stream_token", lambda d: d["message_id"] == message_id)
-        for client in (ann, bob):
-            ack = say(client, "me too")
-            assert ack["ok"] is False and ack["error"]["code"] == "chat_busy", ack
-            assert set(ack["error"]) == {"code", "message", "details"}
-        assert len(errors_of(bob, "chat_busy")) == 2 and len(errors_of(ann, "chat_busy")) == 1
-        assert find(ann, "message_stream_ended") is None, "the stream ended too soon to test"
+        rt_server, agent_chat):
+    tenant, chat, (ann, bob) = agent_chat(rt_server, SCRIPTED, "ann", "bob")
+    user = post(ann, "tokens 20 0.05")
+    # Busy from the moment the message is accepted, before the stream has even started.
+    busy = say(bob, "me first")
+    assert busy["ok"] is False and busy["error"]["code"] == "chat_busy", busy
+    message_id = started_for(ann, user)["message_id"]
+    ann.wait_event("message_stream_token", lambda d: d["message_id"] == message_id, WAIT)
+    for client in (ann, bob):
+        ack = say(client, "me too")
+        assert ack["ok"] is False and ack["error"]["code"] == "chat_busy", ack
+        assert set(ack["error"]) == {"code", "message", "details"}
+    assert len(errors_of(bob, "chat_busy")) == 2 and len(errors_of(ann, "chat_busy")) == 1
+    assert ann.find("message_stream_ended") is None, "the stream ended too soon to test"
 
-        ended = ended_for(bob, message_id)
-        after = post(bob, "now it is my turn")  # at once: the chat is free when ended is sent
-        assert ended["finish_reason"] == "stop"
-        assert ended["content"] == "".join(f"t{i} " for i in range(20))
-        complete_stream(bob, chat, after)
-        complete_stream(ann, chat, user)
-        contents = [m["content"] for m in tenant.history(chat) if m["role"] == "user"]
-        assert contents == ["tokens 20 0.05", "now it is my turn"]
-    finally:
-        disconnect(ann, bob)
+    ended = ended_for(bob, message_id)
+    after = post(bob, "now it is my turn")  # at once: the chat is free when ended is sent
+    assert ended["finish_reason"] == "stop"
+    assert ended["content"] == "".join(f"t{i} " for i in range(20))
+    complete_stream(bob, chat, after)
+    complete_stream(ann, chat, user)
+    contents = [m["content"] for m in tenant.history(chat) if m["role"] == "user"]
+    assert contents == ["tokens 20 0.05", "now it is my turn"]
 
 
 def test_a_retried_message_gets_its_original_while_its_reply_streams_and_claims_nothing(
-        rt_server):
+        rt_server, agent_chat):
     # The server finds a repeated client_message_id by the unique constraint or, when a
     # message is refused as chat_busy, looks it up then: either way the retry succeeds.
-    tenant = new_tenant(rt_server.url)
-    ws = tenant.workspace("ann", members=("bob",), agent=SCRIPTED)
-    chat = tenant.chat("ann", ws)
-    ann = join(tenant, chat)
-    bob = join(tenant, chat, "bob")
-    try:
-        user = post(ann, "tokens 20 0.05", client_message_id="retry-me")
-        message_id = started_for(ann, user)["message_id"]
-        again = post(ann, "tokens 20 0.05", client_message_id="retry-me")
-        assert again == user
-        busy = say(bob, "me first", client_message_id="bobs")
-        assert busy["ok"] is False and busy["error"]["code"] == "chat_busy", busy
-        ended = ended_for(ann, message_id)
-        assert ended["finish_reason"] == "stop"
-        # After the reply: a retry starts no second reply and leaves the chat free.
-        assert post(ann, "tokens 20 0.05", client_message_id="retry-me") == user
-        after = post(bob, "my turn", client_message_id="bobs")
-        assert after["id"] != user["id"]
-        complete_stream(bob, chat, after)
-        complete_stream(ann, chat, after)
-        started = [d["reply_to"] for e, d in ann.events if e == "message_stream_started"]
-        assert started == [user["id"], after["id"]]
-        contents = [m["content"] for m in tenant.history(chat) if m["role"] == "user"]
-        assert contents == ["tokens 20 0.05", "my turn"]
-    finally:
-        disconnect(ann, bob)
+    tenant, chat, (ann, bob) = agent_chat(rt_server, SCRIPTED, "ann", "bob")
+    user = post(ann, "tokens 20 0.05", client_message_id="retry-me")
+    message_id = started_for(ann, user)["message_id"]
+    again = post(ann, "tokens 20 0.05", client_message_id="retry-me")
+    assert again == user
+    busy = say(bob, "me first", client_message_id="bobs")
+    assert busy["ok"] is False and busy["error"]["code"] == "chat_busy", busy
+    ended = ended_for(ann, message_id)
+    assert ended["finish_reason"] == "stop"
+    # After the reply: a retry starts no second reply and leaves the chat free.
+    assert post(ann, "tokens 20 0.05", client_message_id="retry-me") == user
+    after = post(bob, "my turn", client_message_id="bobs")
+    assert after["id"] != user["id"]
+    complete_stream(bob, chat, after)
+    complete_stream(ann, chat, after)
+    started = [d["reply_to"] for e, d in ann.events if e == "message_stream_started"]
+    assert started == [user["id"], after["id"]]
+    contents = [m["content"] for m in tenant.history(chat) if m["role"] == "user"]
+    assert contents == ["tokens 20 0.05", "my turn"]
 
 
-def test_stop_generation_cancels_the_stream_and_stores_what_was_sent(rt_server):
-    tenant = new_tenant(rt_server.url)
-    ws = tenant.workspace("ann", members=("bob",), agent=SCRIPTED)
-    chat = tenant.chat("ann", ws)
-    ann = join(tenant, chat)
-    bob = join(tenant, chat, "bob")
-    try:
-        assert ann.call("stop_generation") == {"ok": True, "stopped": False}
-        user = post(ann, "tokens 50 0.05")
-        message_id = started_for(bob, user)["message_id"]
-        wait_until(bob, lambda: len(tokens_of(bob, message_id)) >= 3, "three tokens")
-        assert bob.call("stop_generation") == {"ok": True, "stopped": True}
-        for client in (ann, bob):
-            message_id, tokens, ended = complete_stream(client, chat, user)
-            assert ended["finish_reason"] == "cancelled"
-            assert 3 <= len(tokens) < 50
-            assert tokens == [f"t{i} " for i in range(len(tokens))]
-        assert_stored_reply(tenant, chat, message_id, user, ended["content"])
-        assert ann.call("stop_generation") == {"ok": True, "stopped": False}
-        complete_stream(ann, chat, post(ann, "after the stop"))
-    finally:
-        disconnect(ann, bob)
+def test_stop_generation_cancels_the_stream_and_stores_what_was_sent(rt_server, agent_chat):
+    tenant, chat, (ann, bob) = agent_chat(rt_server, SCRIPTED, "ann", "bob")
+    assert ann.call("stop_generation") == {"ok": True, "stopped": False}
+    user = post(ann, "tokens 50 0.05")
+    message_id = started_for(bob, user)["message_id"]
+    bob.wait_until(lambda: len(tokens_of(bob, message_id)) >= 3, WAIT, "three tokens")
+    assert bob.call("stop_generation") == {"ok": True, "stopped": True}
+    for client in (ann, bob):
+        message_id, tokens, ended = complete_stream(client, chat, user)
+        assert ended["finish_reason"] == "cancelled"
+        assert 3 <= len(tokens) < 50
+        assert tokens == [f"t{i} " for i in range(len(tokens))]
+    assert_stored_reply(tenant, chat, message_id, user, ended["content"])
+    assert ann.call("stop_generation") == {"ok": True, "stopped": False}
+    complete_stream(ann, chat, post(ann, "after the stop"))
 
 
-def test_agent_exceeding_agent_timeout_ends_with_timeout_and_keeps_its_text(rt_server):
-    tenant = new_tenant(rt_server.url)
-    ws = tenant.workspace("ann", members=("bob",), agent=SCRIPTED)
-    chat = tenant.chat("ann", ws)
-    ann = join(tenant, chat)
-    bob = join(tenant, chat, "bob")
-    try:
-        user = post(ann, "hang")
-        for client in (ann, bob):
-            message_id, tokens, ended = complete_stream(client, chat, user,
-                                                        AGENT_TIMEOUT + WAIT)
-            assert tokens == ["t0 "]
-            assert ended == {"message_id": message_id, "chat_id": chat, "content": "t0 ",
-                             "finish_reason": "timeout"}
-            assert_agent_error(client, message_id)
-        assert_stored_reply(tenant, chat, message_id, user, "t0 ")
-        complete_stream(bob, chat, post(bob, "are you back?"))
-    finally:
-        disconnect(ann, bob)
+def test_agent_exceeding_agent_timeout_ends_with_timeout_and_keeps_its_text(
+        rt_server, agent_chat):
+    tenant, chat, (ann, bob) = agent_chat(rt_server, SCRIPTED, "ann", "bob")
+    user = post(ann, "hang")
+    for client in (ann, bob):
+        message_id, tokens, ended = complete_stream(client, chat, user,
+                                                    AGENT_TIMEOUT + WAIT)
+        assert tokens == ["t0 "]
+        assert ended == {"message_id": message_id, "chat_id": chat, "content": "t0 ",
+                         "finish_reason": "timeout"}
+        assert_agent_error(client, message_id)
+    assert_stored_reply(tenant, chat, message_id, user, "t0 ")
+    complete_stream(bob, chat, post(bob, "are you back?"))
 
 
 # --- joining mid-stream --------------------------------------------------------------------
@@ -771,26 +657,24 @@ def check_joined_mid_stream(client: ChatClient, chat: str, user: dict, message_i
     return count, len(tokens)
 
 
-def test_reconnecting_mid_stream_gets_content_so_far_then_the_rest_without_gaps(rt_server):
-    tenant = new_tenant(rt_server.url)
-    ws = tenant.workspace("ann", members=("bob",), agent=SCRIPTED)
-    chat = tenant.chat("ann", ws)
-    ann = join(tenant, chat)
-    b = join(tenant, chat, "bob")
+def test_reconnecting_mid_stream_gets_content_so_far_then_the_rest_without_gaps(
+        rt_server, agent_chat):
+    tenant, chat, (ann, b) = agent_chat(rt_server, SCRIPTED, "ann", "bob")
     views: list[ChatClient] = []
     try:
         user = post(ann, "tokens 60 0.04")
         message_id = started_for(ann, user)["message_id"]
-        wait_until(b, lambda: len(tokens_of(b, message_id)) >= 3, "three tokens")
+        b.wait_until(lambda: len(tokens_of(b, message_id)) >= 3, WAIT, "three tokens")
         b.disconnect()
         for attempt in range(6):
             # Same user (ann) or a member (bob); websocket or long-polling.
-            b = rejoin(tenant, chat, ("bob", "ann")[attempt % 2],
-                       ("websocket", "polling")[attempt // 2 % 2], last_message_id=user["id"])
+            b = join_chat(tenant.url, tenant.key_auth(chat, ("bob", "ann")[attempt % 2],
+                                                      last_message_id=user["id"]),
+                          ("websocket", "polling")[attempt // 2 % 2])
             views.append(b)
             if attempt < 5:
-                wait_until(b, lambda view=b: len(view.named("message_stream_token")) >= 2,
-                           "two tokens after reconnecting")
+                b.wait_until(lambda view=b: len(view.named("message_stream_token")) >= 2,
+                             WAIT, "two tokens after reconnecting")
                 b.disconnect()
         ended = ended_for(b, message_id)
         final = "".join(f"t{i} " for i in range(60))
@@ -805,19 +689,16 @@ def test_reconnecting_mid_stream_gets_content_so_far_then_the_rest_without_gaps(
         assert ann_ended == ended and "".join(tokens) == final
         assert_stored_reply(tenant, chat, message_id, user, final)
     finally:
-        disconnect(ann, b, *views)
+        disconnect(*views)
 
 
-def test_fresh_connection_mid_stream_gets_content_so_far(rt_server):
-    tenant = new_tenant(rt_server.url)
-    ws = tenant.workspace("ann", members=("carl",), agent=SCRIPTED)
-    chat = tenant.chat("ann", ws)
-    ann = join(tenant, chat)
+def test_fresh_connection_mid_stream_gets_content_so_far(rt_server, agent_chat):
+    tenant, chat, (ann,) = agent_chat(rt_server, SCRIPTED, "ann", members=("carl",))
     carl = None
     try:
         user = post(ann, "tokens 30 0.04")
         message_id = started_for(ann, user)["message_id"]
-        wait_until(ann, lambda: len(tokens_of(ann, message_id)) >= 3, "three tokens")
+        ann.wait_until(lambda: len(tokens_of(ann, message_id)) >= 3, WAIT, "three tokens")
         carl = join(tenant, chat, "carl")
         ended = ended_for(carl, message_id)
         assert ended["finish_reason"] == "stop"
@@ -826,7 +707,7 @@ def test_fresh_connection_mid_stream_gets_content_so_far(rt_server):
                                                skip=1)
         assert count >= 3 and count + after == 30
     finally:
-        disconnect(ann, carl)
+        disconnect(carl)
 
 
 # --- one chat's stream does not hold back another chat ------------------------------------
@@ -867,7 +748,7 @@ def test_messages_in_another_chat_arrive_while_a_reply_streams(rt_server):
     try:
         user = post(one, "tokens 30 0.05")
         message_id = started_for(one, user)["message_id"]
-        wait_event(one, "message_stream_token", lambda d: d["message_id"] == message_id)
+        one.wait_event("message_stream_token", lambda d: d["message_id"] == message_id, WAIT)
         sent = [post(two, f"meanwhile {i}")["id"] for i in range(5)]
         two.wait_for("message_received", 5)
         ended_for(one, message_id)

@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.conftest import REQUIRE_SERVICES, ROOT, assert_error, start_server, stop_server
-from tests.realtime import connect
+from tests.conftest import assert_error
+from tests.kit.servers import REQUIRE_SERVICES, ROOT, start_server, stop_server
+from tests.kit.sio import connect
 
 pytestmark = pytest.mark.e2e
 

@@ -17,15 +17,14 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import ADMIN_TOKEN, ROOT, free_port, stop_server
-from tests.test_js_client import PACKAGE as JS_PACKAGE, run_js  # noqa: F401 (fixture)
+from tests.kit.node import JS_PACKAGE, run_js  # noqa: F401 (fixture)
+from tests.kit.servers import ADMIN_TOKEN, ROOT, free_port, stop_server, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -93,16 +92,7 @@ def reader(tmp_path_factory, run_js):  # noqa: F811
                                stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, log_path.read_text(errors="replace")
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
-            try:
-                if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)  # a starting server: nothing to wait on but the port
+        wait_healthy(url, process, 180, log_path, interval=0.2)
         printed = log_path.read_text(errors="replace")
         key = re.search(r"^demo api key:\s+(\S+)$", printed, re.M)[1]
         ws = re.search(r"^demo workspace:\s+(\S+)", printed, re.M)[1]

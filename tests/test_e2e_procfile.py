@@ -4,7 +4,7 @@ import subprocess
 import pytest
 import requests
 
-from tests.conftest import ADMIN_TOKEN, procfile_command
+from tests.kit.servers import ADMIN_TOKEN, procfile_command
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,8 @@ import json
 import pytest
 from sqlalchemy import text
 
-from tests.conftest import ADMIN_TOKEN, assert_error, base_config
+from tests.conftest import assert_error, base_config
+from tests.kit.servers import ADMIN_TOKEN
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # Requests without a valid key are rate-limited by client address; these tests use their own

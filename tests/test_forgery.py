@@ -29,7 +29,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,13 +37,14 @@ from urllib.parse import urlencode
 
 import pytest
 import requests
-import websocket
 from itsdangerous import URLSafeSerializer
 
 from app.tokens import CONNECTION_SALT, MESSAGE_SALT
 from tests import agents
-from tests.conftest import ADMIN_TOKEN, ROOT
-from tests.realtime import NAMESPACE, ChatClient, Tenant, connect, new_tenant, refusal_code
+from tests.kit.plain import RecordingPlainClient
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import ADMIN_TOKEN, ROOT
+from tests.kit.sio import NAMESPACE, ChatClient, connect, refusal_code
 
 pytestmark = pytest.mark.e2e
 
@@ -125,70 +125,13 @@ def tampered_variants(token: str, other: str) -> dict[str, str]:
 
 # --- clients: one interface over Socket.IO and /ws/chat ------------------------------------------
 
-class PlainSocket:
-    """A /ws/chat client recording every frame in order from a reader thread."""
-
-    def __init__(self, url: str, params: dict[str, Any]):
-        ws_url = url.replace("http://", "ws://") + "/ws/chat?" + urlencode(params)
-        self.ws = websocket.create_connection(ws_url, timeout=10)
-        self.ws.settimeout(None)
-        self.events: list[tuple[str, Any]] = []
-        self.closed = False
-        self.cond = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        try:
-            while True:
-                raw = self.ws.recv()
-                if not raw:  # websocket-client's answer to a close frame
-                    break
-                frame = json.loads(raw)
-                with self.cond:
-                    self.events.append((frame["event"], frame["data"]))
-                    self.cond.notify_all()
-        except Exception:  # the socket closed under the reader
-            pass
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-    def wait(self, predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not predicate():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"waited {timeout}s for {what}; got {self.events}")
-                self.cond.wait(remaining)
-
-    def named(self, name: str) -> list[Any]:
-        with self.cond:
-            return [data for event, data in self.events if event == name]
-
-    def send(self, frame: Any) -> None:
-        self.ws.send(json.dumps(frame))
-
-    def close(self) -> None:
-        try:
-            self.ws.sock.shutdown(socket.SHUT_RDWR)
-        except Exception:
-            pass
-        try:
-            self.ws.close()
-        except Exception:
-            pass
-        self.reader.join(5)
-
-
 @dataclass
 class Client:
     """A connection attempt over one transport, and what to do with it once connected."""
 
     transport: str
     sio: ChatClient | None = None
-    plain: PlainSocket | None = None
+    plain: RecordingPlainClient | None = None
     acks: int = 0
 
     # -- connecting -------------------------------------------------------------------------
@@ -197,7 +140,8 @@ class Client:
     def refusal(self) -> str | None:
         if self.sio is not None:
             return refusal_code(self.sio)
-        self.plain.wait(lambda: self.plain.events or self.plain.closed, "the first frame")
+        self.plain.wait_until(lambda: self.plain.events or self.plain.closed, 10,
+                              "the first frame")
         first = self.plain.events[0] if self.plain.events else None
         if first is None or first[0] != "error":
             return None
@@ -212,7 +156,7 @@ class Client:
             assert not self.sio.sio.connected
             assert self.sio.events == [], self.sio.events
         else:
-            self.plain.wait(lambda: self.plain.closed, "the server to close the socket")
+            self.plain.wait_until(lambda: self.plain.closed, 10, "the server to close the socket")
             assert len(self.plain.events) == 1, self.plain.events
             assert set(self.plain.events[0][1]) == {"code", "message", "details"}
 
@@ -234,19 +178,11 @@ class Client:
         return [data for event, data in self.events() if event == name]
 
     def wait_for(self, name: str, count: int = 1, timeout: float = 10) -> list[Any]:
-        if self.sio is not None:
-            return self.sio.wait_for(name, count, timeout)
-        self.plain.wait(lambda: len(self.plain.named(name)) >= count, f"{count} x {name}",
-                        timeout)
-        return self.plain.named(name)
+        return (self.sio or self.plain).wait_for(name, count, timeout)
 
     def wait_until(self, predicate: Callable[[list], bool], what: str,
                    timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate(self.events()):
-            assert time.monotonic() < deadline, f"waited {timeout}s for {what}: {self.events()}"
-            with (self.sio or self.plain).cond:
-                (self.sio or self.plain).cond.wait(0.05)
+        (self.sio or self.plain).wait_until(lambda: predicate(self.events()), timeout, what)
 
     # -- acting -----------------------------------------------------------------------------
 
@@ -304,7 +240,7 @@ def open_client(url: str, transport: str, params: dict[str, Any]) -> Client:
         return Client(transport, sio=connect(url, params))
     if transport == "socketio-query":
         return Client(transport, sio=connect(url, None, query=urlencode(params)))
-    return Client(transport, plain=PlainSocket(url, params))
+    return Client(transport, plain=RecordingPlainClient(url, params))
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -32,8 +31,11 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from app.jsondepth import MAX_JSON_DEPTH, too_deep
-from tests.rawsio import NAMESPACE, Closed, RawSocketIO
-from tests.realtime import new_tenant
+from tests.kit import eio
+from tests.kit.eio import NAMESPACE, Closed, RawSocketIO
+from tests.kit.plain import PlainClient
+from tests.kit.rest import new_tenant
+from tests.kit.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -260,10 +262,9 @@ def socket_connections(world: World) -> float:
 
 
 def wait_for_connections(world: World, expected: float, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while socket_connections(world) != expected:
-        assert time.monotonic() < deadline, (socket_connections(world), expected)
-        time.sleep(0.05)  # polling a gauge: there is no event to wait on
+    # polling a gauge: there is no event to wait on
+    wait_until(lambda: socket_connections(world) == expected, timeout,
+               lambda: f"{expected} socket connections (not {socket_connections(world)})")
 
 
 def assert_server_alive(world: World) -> None:
@@ -621,12 +622,10 @@ def test_a_second_connect_on_a_joined_namespace_leaves_the_first_one_working(wor
 
 # --- long-polling ---------------------------------------------------------------------------
 
-def polling_session(world: World) -> str:
+def joined_polling_session(world: World) -> str:
     """A Socket.IO session joined to the chat over long-polling; returns its POST/GET URL."""
-    base = world.url + "/socket.io/?EIO=4&transport=polling"
-    opened = requests.get(base, timeout=10)
-    assert opened.status_code == 200 and opened.text.startswith("0"), opened.text
-    url = base + "&sid=" + json.loads(opened.text[1:])["sid"]
+    url = (world.url + "/socket.io/?EIO=4&transport=polling&sid="
+           + eio.polling_session(world.url))
     auth = json.dumps({"chat_id": world.chat, "api_key": world.tenant.key, "user_id": "ann"})
     assert requests.post(url, data=f"40{NAMESPACE},{auth}", timeout=10).text == "OK"
     assert f"40{NAMESPACE}," in requests.get(url, timeout=10).text
@@ -659,7 +658,7 @@ polling_bodies = st.one_of(
 def test_fuzzed_long_polling_bodies_are_answered_at_once_and_leave_no_session_behind(
         world, body):
     baseline = socket_connections(world)
-    url = polling_session(world)
+    url = joined_polling_session(world)
     wait_for_connections(world, baseline + 1)
     answer = requests.post(url, data=body, timeout=10)  # a request left hanging fails here
     assert answer.status_code in (200, 400), (answer.status_code, answer.text)
@@ -670,35 +669,6 @@ def test_fuzzed_long_polling_bodies_are_answered_at_once_and_leave_no_session_be
 
 # --- /ws/chat --------------------------------------------------------------------------------
 
-class Plain:
-    """A /ws/chat connection reading JSON frames."""
-
-    def __init__(self, world: World, query: str):
-        self.ws = websocket.create_connection(
-            world.url.replace("http://", "ws://") + "/ws/chat?" + query, timeout=10)
-        self.frames: list[dict] = []
-
-    def next(self) -> dict:
-        try:
-            opcode, data = self.ws.recv_data()
-        except (websocket.WebSocketConnectionClosedException, ConnectionError):
-            raise Closed() from None
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            raise Closed()
-        frame = json.loads(data.decode("utf-8"))
-        assert set(frame) == {"event", "data"}, frame
-        self.frames.append(frame)
-        return frame
-
-    def until(self, event: str, count: int = 1) -> list[dict]:
-        while sum(1 for f in self.frames if f["event"] == event) < count:
-            self.next()
-        return self.frames
-
-    def close(self) -> None:
-        self.ws.close()
-
-
 def plain_query(world: World) -> str:
     return urlencode({"chat_id": world.chat, "api_key": world.tenant.key, "user_id": "ann"})
 
@@ -708,11 +678,11 @@ class PlainSession:
 
     def __init__(self, world: World):
         self.world = world
-        self.current: Plain | None = None
+        self.current: PlainClient | None = None
 
-    def __enter__(self) -> Plain:
+    def __enter__(self) -> PlainClient:
         if self.current is None:
-            self.current = Plain(self.world, plain_query(self.world))
+            self.current = PlainClient(self.world.url, plain_query(self.world))
             self.current.until("connection_established")
         return self.current
 
@@ -763,7 +733,7 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-def plain_ask_message_string(p: Plain) -> str:
+def plain_ask_message_string(p: PlainClient) -> str:
     count = sum(1 for f in p.frames if f["event"] == "get_message_string")
     p.ws.send(json.dumps({"event": "get_message_string", "data": {}}))
     p.until("get_message_string", count + 1)
@@ -781,7 +751,7 @@ def test_fuzzed_plain_websocket_frames_get_contract_answers_and_keep_the_connect
         check_plain_frame(world, plain, p, value, encoding, garbage)
 
 
-def check_plain_frame(world: World, plain: PlainSession, p: Plain, value: Any, encoding: str,
+def check_plain_frame(world: World, plain: PlainSession, p: PlainClient, value: Any, encoding: str,
                       garbage: str) -> None:
     if encoding == "text" and not is_utf8(garbage):
         # invalid UTF-8 in a text frame: RFC 6455 fails the connection (and the server's
@@ -835,7 +805,7 @@ def check_plain_frame(world: World, plain: PlainSession, p: Plain, value: Any, e
 def test_fuzzed_plain_websocket_query_joins_or_is_refused_with_a_contract_code(world, query):
     q = garbage_query(world, query)
     try:
-        p = Plain(world, q)
+        p = PlainClient(world.url, q)
     except websocket.WebSocketBadStatusException as exc:  # refused before the upgrade
         pytest.fail(f"HTTP {exc.status_code} instead of an error frame")
     try:
@@ -855,7 +825,7 @@ def test_fuzzed_plain_websocket_query_joins_or_is_refused_with_a_contract_code(w
 
 
 def test_huge_and_deeply_nested_plain_websocket_frames_are_answered(world):
-    p = Plain(world, plain_query(world))
+    p = PlainClient(world.url, plain_query(world))
     try:
         p.until("connection_established")
         for frame in ['{"content": "' + "x" * 1_000_000 + '"}', "[" * 100_000 + "]" * 100_000,

@@ -14,9 +14,11 @@ What this module proves, on SQLite and on PostgreSQL, with one real server proce
 - the same operations without a credential, or with the wrong one, are refused 401
   ``missing_api_key`` / ``invalid_api_key``, whatever else the request holds;
 - generated ids are, some of the time, ids that exist: the fuzzing tenant's own workspaces,
-  chats and users, and another tenant's. The other tenant's objects are never revealed (no
-  response names their ids) nor changed (no request naming them succeeds), and after all the
-  fuzzing they read back over REST exactly as they were stored;
+  chats and users, and another tenant's; and, not left to chance, every operation taking a
+  workspace or chat id is sent one of each tenant's (a parametrized test per operation and
+  tenant). The other tenant's objects are never revealed (no response names their ids) nor
+  changed (no request naming them succeeds), and after all the fuzzing they read back over REST
+  exactly as they were stored;
 - inputs next to the bugs this fuzzing turned up, which a bounded run draws too rarely to rely
   on (NUL in ids, lone surrogates in bodies, Unicode digits, a trailing newline), get their
   contract error;
@@ -42,8 +44,9 @@ from schemathesis.core.parameters import ParameterLocation
 from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.specs.openapi import checks as openapi_checks
 
-from tests.conftest import ADMIN_TOKEN, start_server, stop_server
-from tests.realtime import Tenant, connect, new_tenant
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import ADMIN_TOKEN, start_server, stop_server
+from tests.kit.sio import connect
 
 SERVER_ENV = {"RATE_LIMIT_REST": "1000000/minute", "RATE_LIMIT_AUTH_FAILURES": "1000000/minute",
               "AGENT_ALLOW_PRIVATE_NETWORKS": "1"}  # agents at 127.0.0.1:9 (never called)
@@ -540,6 +543,70 @@ def test_near_miss_inputs_get_their_contract_error(world, method, path, body, st
     assert set(error) == {"code", "message", "details"}, r.text
 
 
+# --- every operation taking an id, given an existing id of each tenant ---------------------
+
+#: What a request to each operation that takes a workspace or chat id needs besides the id: the
+#: other path parameters and the body with which the fuzzer's own object is found and served.
+ID_OPERATIONS = {
+    "GET /api/v1/workspaces/{workspace_id}": ({}, None, 200),
+    "PATCH /api/v1/workspaces/{workspace_id}": ({}, {"name": "Renamed"}, 200),
+    "DELETE /api/v1/workspaces/{workspace_id}": ({}, None, 204),
+    "PUT /api/v1/workspaces/{workspace_id}/members/{user_id}": ({"user_id": "carol@example.com"},
+                                                               None, 204),
+    "DELETE /api/v1/workspaces/{workspace_id}/members/{user_id}": ({"user_id": "bob"}, None, 204),
+    "GET /api/v1/chats/{chat_id}": ({}, None, 200),
+    "GET /api/v1/chats/{chat_id}/messages": ({}, None, 200),
+    "DELETE /api/v1/chats/{chat_id}": ({}, None, 204),
+    "POST /api/v1/chats/{chat_id}/connection-string": ({}, {"user_id": "ann"}, 200),
+}
+
+
+def _own_object(world: World, kind: str) -> str:
+    """A new workspace (ann owns it, bob is a member) or a chat in one, of the fuzzer's."""
+    workspace = world.fuzzer.workspace("ann", members=("bob",))
+    found = workspace if kind == "workspace_id" else world.fuzzer.chat("ann", workspace)
+    world.own_objects.add(found)
+    return found
+
+
+def test_every_operation_taking_an_id_is_listed_here(world):
+    document = requests.get(world.url + "/openapi.json", timeout=10).json()
+    labels = {f"{method.upper()} {path}" for path, item in document["paths"].items()
+              for method in item if method in ("get", "put", "post", "patch", "delete")
+              and ("{workspace_id}" in path or "{chat_id}" in path)}
+    assert labels == set(ID_OPERATIONS)
+
+
+# Not left to chance: the fuzzing draws existing ids only some of the time, so each operation
+# is also sent one of the fuzzer's own ids (found and served) and one of the other tenant's
+# (refused 404 with nothing revealed), on both backends; recorded beside the fuzzing's requests.
+@pytest.mark.parametrize("whose", ["own", "foreign"])
+@pytest.mark.parametrize("label", list(ID_OPERATIONS))
+def test_every_operation_taking_an_id_serves_own_ids_and_refuses_the_other_tenants(
+        world, label, whose):
+    params, body, own_status = ID_OPERATIONS[label]
+    method, path = label.split(" ", 1)
+    kind = "workspace_id" if "{workspace_id}" in path else "chat_id"
+    if whose == "own":
+        object_id = _own_object(world, kind)
+    else:
+        object_id = sorted(set(world.pools[kind]) & world.other_objects)[0]
+    url = world.url + path.format(**{kind: object_id, **params})
+    r = requests.request(method, url, json=body, headers=world.fuzzer.headers, timeout=10)
+    world.sent.append(Sent(label, method, r.status_code, whose == "own", whose == "foreign"))
+    if whose == "own":
+        assert r.status_code == own_status, r.text
+        return
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert set(error) == {"code", "message", "details"}, r.text
+    assert error["code"] == ("workspace_not_found" if kind == "workspace_id"
+                             else "chat_not_found"), r.text
+    assert not _ids_in(r.json()) & world.other_ids, r.text  # nothing of theirs revealed
+    for secret in (OTHER_SECRET, world.other.key):
+        assert secret not in r.text, r.text
+
+
 # --- afterwards ----------------------------------------------------------------------------
 
 def _fuzzed(world: World) -> None:
@@ -547,11 +614,11 @@ def _fuzzed(world: World) -> None:
         pytest.skip("runs after the fuzzing tests of this module")
 
 
-def test_the_fuzzing_sent_existing_ids_of_both_tenants_to_every_operation_taking_one(world):
+def test_existing_ids_of_both_tenants_were_sent_to_every_operation_taking_one(world):
     _fuzzed(world)
     sent = [s for s in world.sent if s.as_documented]
     with_ids = {s.label for s in sent if "{workspace_id}" in s.label or "{chat_id}" in s.label}
-    assert len(with_ids) == 9, with_ids
+    assert with_ids == set(ID_OPERATIONS), with_ids
     assert with_ids - {s.label for s in sent if s.own} == set()
     assert with_ids - {s.label for s in sent if s.foreign} == set()
     # And its own objects were found: requests got past the lookups, to read and to change.

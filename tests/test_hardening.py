@@ -18,8 +18,12 @@ import pytest
 import requests
 import websocket
 
-from tests.conftest import ADMIN_TOKEN, ROOT, assert_error, procfile_command, server_env
-from tests.realtime import PlainClient, connect, new_tenant
+from tests.conftest import assert_error
+from tests.kit.plain import PlainClient
+from tests.kit.rest import new_tenant
+from tests.kit.servers import ADMIN_TOKEN, ROOT, log_has, procfile_command, server_env
+from tests.kit.sio import connect
+from tests.kit.wait import wait_until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # get_message_string's window is RATE_LIMIT_MESSAGES per connection; per minute here, so that
@@ -224,13 +228,15 @@ def test_a_typing_flood_is_relayed_at_most_twice_a_second(rt_server, sender_kind
                   else [f for f in ann.frames if f["event"] == "error"])
         assert errors == []
         # and typing is relayed again once the window has passed (bounded retries)
-        deadline = time.monotonic() + 10
-        while len(bob.named("typing")) == len(relayed) and time.monotonic() < deadline:
+        def relayed_again() -> bool:
             typing(True)
             try:
                 bob.wait_for("typing", count=len(relayed) + 1, timeout=0.3)
             except AssertionError:
-                pass
+                return False
+            return True
+
+        wait_until(relayed_again, 10, "typing relayed again", interval=0)
         assert len(bob.named("typing")) > len(relayed)
     finally:
         ann.disconnect() if sender_kind == "socketio" else ann.close()
@@ -274,14 +280,6 @@ def test_get_message_string_has_its_own_window_on_ws_chat(rt_server):
         plain.close()
 
 
-def _wait_for_log(server, text: str) -> str:
-    """The server's log once it contains ``text`` (bounded wait)."""
-    deadline = time.monotonic() + 10
-    while text not in server.log() and time.monotonic() < deadline:
-        time.sleep(0.05)  # the log is a file: there is no event to wait on
-    return server.log()
-
-
 def test_access_logs_redact_credentials_in_query_strings(rt_server):
     secrets = {"api_key": "wc_" + uuid.uuid4().hex, "connection_string": uuid.uuid4().hex,
                "message_string": uuid.uuid4().hex}
@@ -301,7 +299,7 @@ def test_access_logs_redact_credentials_in_query_strings(rt_server):
     # a last request: once it is logged, the ones before it are (a WebSocket is logged, if at
     # all, when it ends: eventlet's worker does not log upgrades, gevent's does)
     requests.get(f"{rt_server.url}/healthz?after={marker}", timeout=10)
-    log = _wait_for_log(rt_server, f"after={marker}")
+    log = log_has(rt_server, f"after={marker}")
     assert "c" + marker in log  # the polling handshake was logged ...
     for value in secrets.values():  # ... and no line shows a credential
         assert value not in log
@@ -395,7 +393,7 @@ CHROMIUM = "/usr/bin/chromium"
 def browser():
     import os
 
-    from tests.conftest import REQUIRE_SERVICES
+    from tests.kit.servers import REQUIRE_SERVICES
 
     if not os.path.exists(CHROMIUM):
         if REQUIRE_SERVICES:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import uuid
 from urllib.parse import urlencode
 
@@ -16,8 +15,9 @@ import pytest
 import requests
 import websocket
 
-from tests.conftest import ADMIN_TOKEN
-from tests.realtime import connect, new_tenant, refusal_code
+from tests.kit.rest import new_tenant
+from tests.kit.servers import ADMIN_TOKEN, log_has
+from tests.kit.sio import connect, refusal_code
 
 SERVER_ENV = {"RATE_LIMIT_AUTH_FAILURES": "5/minute", "HOST": "127.0.0.1",
               "LOG_FORMAT": "json"}
@@ -31,7 +31,7 @@ def test_a_server_started_with_host_127_0_0_1_listens_on_loopback_only(live_serv
 
 
 def test_the_makefile_binds_127_0_0_1_unless_told_otherwise():
-    from tests.conftest import ROOT
+    from tests.kit.servers import ROOT
 
     makefile = (ROOT / "Makefile").read_text()
     assert "HOST   ?= 127.0.0.1" in makefile
@@ -49,10 +49,7 @@ def test_the_json_access_log_redacts_credentials_in_query_strings(live_server):
     r = requests.get(live_server.url + "/socket.io/", timeout=10, params={
         "EIO": "4", "transport": "polling", "marker": marker, **secrets})
     assert r.status_code == 200
-    deadline = time.monotonic() + 10
-    while marker not in live_server.log() and time.monotonic() < deadline:
-        time.sleep(0.05)  # the log is a file: there is no event to wait on
-    log = live_server.log()
+    log = log_has(live_server, marker)
     for value in secrets.values():
         assert value not in log
     lines = [json.loads(line) for line in log.splitlines() if marker in line]

@@ -23,9 +23,9 @@ import pytest
 import requests
 
 from app.ws.socket import TokenBucket
-from tests.conftest import start_server, stop_server
-from tests.realtime import new_tenant
-from tests.test_plain_websocket import PlainClient
+from tests.kit.plain import PlainClient
+from tests.kit.rest import new_tenant
+from tests.kit.servers import start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 

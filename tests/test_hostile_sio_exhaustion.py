@@ -12,9 +12,12 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.conftest import start_server, stop_server
-from tests.hostile import healthz_latency, polling_session, raw_connection, read_response
-from tests.realtime import connect, new_tenant
+from tests.kit.eio import polling_session
+from tests.kit.http import raw_connection, read_response
+from tests.kit.rest import new_tenant
+from tests.kit.servers import healthz_latency
+from tests.kit.servers import start_server, stop_server
+from tests.kit.sio import connect
 
 CONNECT_TIMEOUT = 10
 SOCKETS = 5000

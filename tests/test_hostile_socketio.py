@@ -13,10 +13,13 @@ import pytest
 import requests
 import websocket
 
-from tests.hostile import (fd_count, healthz_latency, polling_session, raw_connection,
-                           read_response, rss_bytes, wait_until, worker_pid)
-from tests.rawsio import NAMESPACE, Closed, RawSocketIO
-from tests.realtime import connect, new_tenant
+from tests.kit.eio import NAMESPACE, Closed, RawSocketIO
+from tests.kit.eio import polling_session
+from tests.kit.http import raw_connection, read_response
+from tests.kit.rest import new_tenant
+from tests.kit.servers import fd_count, healthz_latency, rss_bytes, worker_pid
+from tests.kit.sio import connect
+from tests.kit.wait import wait_until
 
 CONNECT_TIMEOUT = 2
 SERVER_ENV = {"CONNECT_TIMEOUT": str(CONNECT_TIMEOUT),

@@ -4,54 +4,13 @@ session's chat, message strings from acks, reconnection with last_message_id and
 connection string)."""
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-from tests.conftest import REQUIRE_SERVICES
-from tests.realtime import connect, new_tenant
+from tests.kit.node import run_js  # noqa: F401 (a fixture)
+from tests.kit.sio import connect
+from tests.kit.rest import new_tenant
 
 pytestmark = pytest.mark.e2e
-
-PACKAGE = Path(__file__).resolve().parent.parent / "clients" / "js"
-
-
-def _tool_missing(message: str) -> None:
-    if REQUIRE_SERVICES:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def run_js():
-    """Runs clients/js/test/e2e.mjs; installs the package's dependencies from its lockfile."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        _tool_missing("node and npm are needed for the JavaScript client's tests")
-    with open(PACKAGE / "package.json") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (PACKAGE / "node_modules" / "socket.io-client" / "package.json").exists():
-            ci = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=PACKAGE,
-                                capture_output=True, text=True, timeout=300)
-            if ci.returncode != 0:
-                _tool_missing(f"npm ci failed in clients/js:\n{ci.stderr}")
-
-    def run(config: dict[str, Any]) -> dict[str, Any]:
-        process = subprocess.run([node, "test/e2e.mjs", json.dumps(config)], cwd=PACKAGE,
-                                 capture_output=True, text=True, timeout=90,
-                                 env={**os.environ, "NODE_NO_WARNINGS": "1"})
-        lines = [line for line in process.stdout.splitlines() if line.strip()]
-        assert process.returncode == 0 and lines, (process.stdout, process.stderr)
-        return json.loads(lines[-1])
-
-    return run
-
 
 @pytest.fixture(scope="module")
 def tenant(live_server):

@@ -5,14 +5,14 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
-import requests
 import redis
 
-from tests.conftest import REQUIRE_SERVICES, ROOT, free_port, start_server, stop_server
-from tests.realtime import connect, new_tenant
+from tests.kit.rest import new_tenant
+from tests.kit.servers import (REQUIRE_SERVICES, ROOT, free_port, start_server, stop_server,
+                               wait_healthy)
+from tests.kit.sio import connect
 
 pytestmark = pytest.mark.e2e
 
@@ -51,16 +51,11 @@ def behind_nginx(tmp_path_factory, pg_database_factory):
                              stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proxy.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"nginx did not come up: {proxy.stdout.read()!r}")
-            time.sleep(0.1)  # polling a starting process: there is no event to wait on
+        try:
+            wait_healthy(url, proxy, 20)
+        except AssertionError as exc:
+            output = proxy.stdout.read() if proxy.poll() is not None else b""
+            raise AssertionError(f"nginx did not come up: {exc} {output!r}") from None
         yield url, first, second
     finally:
         os.killpg(proxy.pid, signal.SIGTERM)

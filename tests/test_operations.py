@@ -5,7 +5,8 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REDIS_TEST_URL, assert_error, base_config, service_missing
+from tests.conftest import assert_error, base_config
+from tests.kit.servers import REDIS_TEST_URL, service_missing
 
 RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 # Requests without a valid key are limited by client address: use an address of our own.

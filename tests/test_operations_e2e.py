@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -21,8 +20,11 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import agents
-from tests.conftest import free_port, service_missing, start_server, stop_server
-from tests.realtime import ChatClient, Tenant, connect, new_tenant, refusal_code
+from tests.kit.agents import join
+from tests.kit.rest import new_tenant
+from tests.kit.servers import free_port, service_missing, start_server, stop_server
+from tests.kit.sio import ChatClient, connect, refusal_code
+from tests.kit.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -35,25 +37,12 @@ WAIT = 15.0
 
 def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 10.0,
          interval: float = 0.1) -> Any:
-    """Call ``fetch`` until ``done(value)`` or the deadline; return the last value.
+    """The first value of ``fetch()`` that is ``done``, asked every ``interval`` s.
 
     Only for state that has no event to wait on (a gauge, a reconnecting dependency).
     """
-    deadline = time.monotonic() + timeout
-    value = fetch()
-    while not done(value) and time.monotonic() < deadline:
-        time.sleep(interval)  # bounded polling: there is no event to wait on
-        value = fetch()
-    return value
-
-
-def join(tenant: Tenant, chat_id: str, user_id: str = "ann") -> ChatClient:
-    client = connect(tenant.url, auth={"chat_id": chat_id,
-                                       "connection_string": tenant.connection_string(
-                                           chat_id, user_id)})
-    assert client.connect_error is None, client.connect_error
-    client.wait_for("connection_established")
-    return client
+    return wait_until(lambda: (value,) if done(value := fetch()) else None, timeout,
+                      lambda: f"{fetch} to be done; last: {fetch()!r}", interval=interval)[0]
 
 
 def disconnect_all(clients: list[ChatClient]) -> None:

@@ -4,7 +4,9 @@ import pytest
 import requests
 import websocket
 
-from tests.realtime import PlainClient, connect, new_tenant
+from tests.kit.plain import PlainClient
+from tests.kit.rest import new_tenant
+from tests.kit.sio import connect
 
 pytestmark = pytest.mark.e2e
 

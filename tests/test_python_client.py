@@ -5,11 +5,10 @@ Everything goes through what the server exposes: REST with the tenant's key, Soc
 """
 from __future__ import annotations
 
+import functools
 import socket
-import subprocess
 import threading
-import time
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
@@ -24,8 +23,9 @@ from workspace_chat_client import (
     ReplyPendingError,
 )
 from tests import agents
-from tests.conftest import ROOT, LiveServer, procfile_command, start_server, stop_server
-from tests.realtime import Tenant, new_tenant
+from tests.kit import record as kit_record
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import restart_server, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -39,45 +39,20 @@ SCRIPTED = {"kind": "python", "callable": "tests.agents:scripted"}
 
 # --- helpers -------------------------------------------------------------------------------
 
-class Recorder:
+class Recorder(kit_record.Recorder):
     """Collects what a client's callbacks are given, in order, and waits for it."""
 
+    timeout = 15
+
     def __init__(self, client: ChatClient | None = None):
-        self.events: list[tuple[str, Any]] = []
-        self.cond = threading.Condition()
+        super().__init__()
         if client is not None:
             self.attach(client)
 
     def attach(self, client: ChatClient) -> None:
         for name in ("message", "token", "stream_start", "stream_end", "error", "connect",
                      "disconnect"):
-            getattr(client, f"on_{name}")(self._recorder(name))
-
-    def _recorder(self, name: str) -> Callable[[Any], None]:
-        def record(data: Any) -> None:
-            with self.cond:
-                self.events.append((name, data))
-                self.cond.notify_all()
-        return record
-
-    def named(self, name: str) -> list[Any]:
-        with self.cond:
-            return [data for event, data in self.events if event == name]
-
-    def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not predicate():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"waited {timeout}s for {what}; got "
-                                         f"{[e for e, _ in self.events]}")
-                self.cond.wait(remaining)
-
-    def wait_for(self, name: str, count: int = 1, timeout: float = 15) -> list[Any]:
-        self.wait_until(lambda: len([1 for e, _ in self.events if e == name]) >= count,
-                        f"{count} x {name}", timeout)
-        return self.named(name)
+            getattr(client, f"on_{name}")(functools.partial(self.record, name))
 
 
 def team(tenant: Tenant, owner: str = "ann", members: tuple[str, ...] = ("bob",),
@@ -101,26 +76,6 @@ def drop(chat_client: ChatClient) -> None:
     chat_client._conn.sio.eio.ws.sock.shutdown(socket.SHUT_RDWR)
 
 
-def restart(server: LiveServer) -> LiveServer:
-    """Stop the server (SIGTERM: it closes its sockets) and start it again on the same port,
-    database and SECRET_KEY, as a deploy does."""
-    stop_server(server.process)
-    log = open(server.log_path, "ab")
-    process = subprocess.Popen(["bash", "-c", "exec " + procfile_command("web")], cwd=ROOT,
-                               env=server.env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    restarted = LiveServer(server.url, server.port, process, server.env, server.log_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, restarted.log()
-        try:
-            if requests.get(server.url + "/healthz", timeout=1).status_code == 200:
-                return restarted
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)  # polling a starting process: there is no event to wait on
-    stop_server(process)
-    raise AssertionError(f"the server did not come back: {restarted.log()}")
 
 
 @pytest.fixture
@@ -435,7 +390,7 @@ def test_reconnects_after_a_server_restart_and_gets_what_was_sent_meanwhile(own_
         before = ann.send("before the restart")
         bob_seen.wait_for("message")
 
-        own_server[0] = restart(server)
+        own_server[0] = restart_server(server)
         assert bob_seen.wait_for("disconnect")[0]["reconnecting"] is True
         assert ann_seen.wait_for("disconnect")[0]["reconnecting"] is True
         ann_seen.wait_for("connect", 2, timeout=30)

@@ -1,7 +1,8 @@
 """The /chat namespace end to end: a real server process (eventlet and gevent), real clients."""
 import pytest
 
-from tests.realtime import connect, new_tenant, refusal_code
+from tests.kit.rest import new_tenant
+from tests.kit.sio import connect, refusal_code
 
 pytestmark = pytest.mark.e2e
 

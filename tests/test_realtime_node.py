@@ -2,23 +2,18 @@
 on Node (tests/node/chat_client.mjs), against the real server under eventlet and gevent."""
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REQUIRE_SERVICES
-from tests.realtime import Tenant, connect, new_tenant
+from tests.kit.node import NODE_DIR, npm_installed, run_node
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.sio import connect
 
 pytestmark = pytest.mark.e2e
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
 SCRIPT = "chat_client.mjs"
 
 
@@ -45,39 +40,14 @@ class NodeRun:
         return self.lines[-1]
 
 
-def _tool_missing(message: str) -> None:
-    if REQUIRE_SERVICES:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="session")
 def node_client():
     """Runs the socket.io-client script; installs tests/node from its lockfile if needed."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        _tool_missing("node and npm are needed for the socket.io-client tests")
-    installed = NODE_DIR / "node_modules" / "socket.io-client" / "package.json"
-    # One installer at a time, should several test sessions share this checkout.
-    with open(NODE_DIR / "package.json") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not installed.exists():
-            ci = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR,
-                                capture_output=True, text=True, timeout=300)
-            if ci.returncode != 0:
-                fallback = subprocess.run([npm, "install", "--no-audit", "--no-fund"],
-                                          cwd=NODE_DIR, capture_output=True, text=True,
-                                          timeout=300)
-                if fallback.returncode != 0:
-                    _tool_missing(f"npm ci failed:\n{ci.stderr}\nnpm install failed:\n"
-                                  f"{fallback.stderr}")
-        fcntl.flock(lock, fcntl.LOCK_UN)
+    node = npm_installed(NODE_DIR, fallback_to_install=True)
 
     def run(config: dict[str, Any], timeout: float = 60) -> NodeRun:
-        process = subprocess.run([node, SCRIPT, json.dumps(config)], cwd=NODE_DIR,
-                                 capture_output=True, text=True, timeout=timeout,
-                                 env={**os.environ, "NODE_NO_WARNINGS": "1"})
-        lines = [json.loads(line) for line in process.stdout.splitlines() if line.strip()]
+        process, output = run_node(node, NODE_DIR, SCRIPT, config, timeout)
+        lines = [json.loads(line) for line in output]
         assert process.returncode == 0, (process.returncode, lines, process.stderr)
         assert lines and ("done" in lines[-1] or "connect_error" in lines[-1]), (
             lines, process.stderr)

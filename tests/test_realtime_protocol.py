@@ -22,8 +22,10 @@ import requests
 from itsdangerous import URLSafeSerializer
 
 from app.tokens import CONNECTION_SALT, MESSAGE_SALT
-from tests.conftest import start_server, stop_server
-from tests.realtime import NAMESPACE, ChatClient, Tenant, connect, new_tenant, refusal_code
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import start_server, stop_server
+from tests.kit.sio import NAMESPACE, ChatClient, connect, refusal_code
+from tests.kit.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -52,25 +54,8 @@ def forge_message_string(tenant_id: str, user_id: str, chat_id: str, sid: str, *
                                 "exp": time.time() + 60 if exp is None else exp}, secret)
 
 
-def key_auth(tenant: Tenant, chat_id: str, user_id: str = "ann") -> dict[str, str]:
-    return {"chat_id": chat_id, "api_key": tenant.key, "user_id": user_id}
-
-
 def string_auth(tenant: Tenant, chat_id: str, user_id: str = "ann") -> dict[str, str]:
     return {"chat_id": chat_id, "connection_string": tenant.connection_string(chat_id, user_id)}
-
-
-def wait_until(client: ChatClient, predicate: Callable[[list], bool], what: str,
-               timeout: float = 10) -> list:
-    """Wait until ``predicate(events)`` holds for the client's recorded events."""
-    deadline = time.monotonic() + timeout
-    with client.cond:
-        while not predicate(client.events):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"waited {timeout}s for {what}; got {client.events}")
-            client.cond.wait(remaining)
-        return list(client.events)
 
 
 def received_ids(client: ChatClient) -> list[str]:
@@ -78,9 +63,7 @@ def received_ids(client: ChatClient) -> list[str]:
 
 
 def wait_for_message(client: ChatClient, message_id: str) -> None:
-    wait_until(client, lambda events: any(e == "message_received" and d["id"] == message_id
-                                          for e, d in events),
-               f"message_received {message_id}")
+    client.wait_event("message_received", lambda m: m["id"] == message_id, 10)
 
 
 def fresh_string(client: ChatClient) -> str:
@@ -158,10 +141,7 @@ def watch_disconnect(client: ChatClient) -> None:
 
 def wait_disconnected(client: ChatClient, timeout: float = 10) -> None:
     client.wait_for("disconnect", timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while client.sio.connected:  # set just after the handler ran; no event to wait on
-        assert time.monotonic() < deadline, "client still connected"
-        time.sleep(0.01)
+    client.wait_disconnected(timeout)  # set just after the handler ran
 
 
 def disconnect_all(clients: list[ChatClient]) -> None:
@@ -204,7 +184,7 @@ def room(rt_server, sockets):
     tenant = new_tenant(rt_server.url)
     ws = tenant.workspace("ann", members=("bob",))
     chat = tenant.chat("ann", ws)
-    ann = sockets(rt_server.url, key_auth(tenant, chat, "ann"))
+    ann = sockets(rt_server.url, tenant.key_auth(chat, "ann"))
     bob = sockets(rt_server.url, string_auth(tenant, chat, "bob"), "polling")
     established(ann)
     established(bob)
@@ -240,7 +220,7 @@ def test_connect_with_credentials_as_query_parameters_instead_of_auth_payload(
         rt_server, sockets, credential, transport):
     tenant = new_tenant(rt_server.url)
     chat = tenant.chat("ann")
-    fields = key_auth(tenant, chat) if credential == "api_key" else string_auth(tenant, chat)
+    fields = tenant.key_auth(chat) if credential == "api_key" else string_auth(tenant, chat)
     client = sockets(rt_server.url, None, transport, query=urlencode(fields))
     info = established(client)
     assert info["chat_id"] == chat and info["user_id"] == "ann"
@@ -316,9 +296,9 @@ def test_refused_chat_not_found_for_unknown_chat_and_another_tenants_chat(rt_ser
     globex = new_tenant(rt_server.url, "Globex")
     acme.chat("ann")
     globex_chat = globex.chat("ann")
-    assert_refused(sockets(rt_server.url, key_auth(acme, "no-such-chat")), "chat_not_found")
+    assert_refused(sockets(rt_server.url, acme.key_auth("no-such-chat")), "chat_not_found")
     # Another tenant's chat is invisible through this tenant's API key...
-    assert_refused(sockets(rt_server.url, key_auth(acme, globex_chat)), "chat_not_found")
+    assert_refused(sockets(rt_server.url, acme.key_auth(globex_chat)), "chat_not_found")
     # ...and through a (forged) string of this tenant naming it.
     forged = forge_connection_string(acme.id, "ann", globex_chat)
     assert_refused(sockets(rt_server.url, {"chat_id": globex_chat, "connection_string": forged}),
@@ -334,7 +314,7 @@ def test_refused_forbidden_for_user_neither_owner_nor_member(rt_server, sockets)
     chat = tenant.chat("ann", ws)
     tenant.chat("mallory")  # mallory exists in the tenant, in her own workspace
     for user in ("mallory", "never-seen-before"):
-        assert_refused(sockets(rt_server.url, key_auth(tenant, chat, user)), "forbidden")
+        assert_refused(sockets(rt_server.url, tenant.key_auth(chat, user)), "forbidden")
         forged = forge_connection_string(tenant.id, user, chat)
         assert_refused(sockets(rt_server.url, {"chat_id": chat, "connection_string": forged}),
                        "forbidden")
@@ -353,8 +333,8 @@ def test_refused_forbidden_for_member_removed_after_the_string_was_issued(rt_ser
     assert r.status_code == 204, r.text
     assert_refused(sockets(rt_server.url, {"chat_id": chat, "connection_string": issued}),
                    "forbidden")
-    assert_refused(sockets(rt_server.url, key_auth(tenant, chat, "bob")), "forbidden")
-    established(sockets(rt_server.url, key_auth(tenant, chat, "ann")))
+    assert_refused(sockets(rt_server.url, tenant.key_auth(chat, "bob")), "forbidden")
+    established(sockets(rt_server.url, tenant.key_auth(chat, "ann")))
 
 
 VALIDATION_REFUSALS: dict[str, Callable[[Tenant, str], Any]] = {
@@ -398,30 +378,30 @@ def test_refused_too_many_connections_per_tenant_and_freed_on_disconnect(rt_serv
         acme = new_tenant(server.url)
         globex = new_tenant(server.url, "Globex")
         chat1, chat2 = acme.chat("ann"), acme.chat("ann")
-        held = [sockets(server.url, key_auth(acme, chat1)),
+        held = [sockets(server.url, acme.key_auth(chat1)),
                 sockets(server.url, string_auth(acme, chat1), "polling"),
-                sockets(server.url, key_auth(acme, chat2))]
+                sockets(server.url, acme.key_auth(chat2))]
         for client in held:
             established(client)
         # The 4th of the tenant is refused, whatever the chat or credential.
-        assert_refused(sockets(server.url, key_auth(acme, chat2)), "too_many_connections")
+        assert_refused(sockets(server.url, acme.key_auth(chat2)), "too_many_connections")
         assert_refused(sockets(server.url, string_auth(acme, chat1)), "too_many_connections")
         # Another tenant is unaffected.
         other_chat = globex.chat("gus")
         for _ in range(3):
-            established(sockets(server.url, key_auth(globex, other_chat, "gus")))
+            established(sockets(server.url, globex.key_auth(other_chat, "gus")))
         # Refusals did not count: one disconnect frees exactly one place.
         held[0].disconnect()
-        deadline = time.monotonic() + 15
-        while True:  # the server processes the disconnect asynchronously: retry, bounded
-            client = sockets(server.url, key_auth(acme, chat2))
+        def freed() -> ChatClient | None:
+            client = sockets(server.url, acme.key_auth(chat2))
             if client.connect_error is None:
-                break
+                return client
             assert refusal_code(client) == "too_many_connections", client.connect_error
-            assert time.monotonic() < deadline, "the disconnect never freed a place"
-            time.sleep(0.05)
-        established(client)
-        assert_refused(sockets(server.url, key_auth(acme, chat1)), "too_many_connections")
+            return None
+
+        # the server processes the disconnect asynchronously: retry, bounded
+        established(wait_until(freed, 15, "the disconnect to free a place"))
+        assert_refused(sockets(server.url, acme.key_auth(chat1)), "too_many_connections")
         assert server.process.poll() is None
         assert "Traceback" not in server.log()
     finally:
@@ -509,9 +489,9 @@ def test_message_invalid_message_string_when_missing_or_not_genuine(room):
 def test_message_invalid_message_string_when_issued_to_another_connection(room, rt_server,
                                                                           sockets):
     tenant, _, chat, ann, bob = room
-    ann2 = sockets(rt_server.url, key_auth(tenant, chat, "ann"))  # same user, same chat
+    ann2 = sockets(rt_server.url, tenant.key_auth(chat, "ann"))  # same user, same chat
     other_chat = tenant.chat("ann")
-    ann3 = sockets(rt_server.url, key_auth(tenant, other_chat, "ann"))  # same user, other chat
+    ann3 = sockets(rt_server.url, tenant.key_auth(other_chat, "ann"))  # same user, other chat
     sid = established(ann)["sid"]
     established(ann2)
     established(ann3)
@@ -575,24 +555,22 @@ def test_message_rate_limited_at_10_per_second_per_connection(room, rt_server, s
     assert isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool), body
     assert 0 <= retry_after <= 1, body
     # The limit is per connection: the same user's other connection and bob may send.
-    ann2 = sockets(rt_server.url, key_auth(tenant, chat, "ann"))
+    ann2 = sockets(rt_server.url, tenant.key_auth(chat, "ann"))
     send_ok(ann2, "another connection", ann2.message_string)
     send_ok(bob, "another user")
     # It ends: a bounded retry with fresh strings gets through.
-    deadline = time.monotonic() + 5
-    while True:
+    def got_through() -> bool:
         string = ann.call("get_message_string")  # its own window, as limited as messages
         if string.get("message_string") is None:
             assert_failed(ann, string, "rate_limited")
-            assert time.monotonic() < deadline, "still rate limited"
-            time.sleep(0.05)
-            continue
+            return False
         ack = ann.send("after the burst", string["message_string"])
         if ack.get("ok"):
-            break
+            return True
         assert_failed(ann, ack, "rate_limited")
-        assert time.monotonic() < deadline, "still rate limited"
-        time.sleep(0.05)
+        return False
+
+    wait_until(got_through, 5, "the rate limit to end")
     assert bob.named("error") == []
 
 
@@ -644,7 +622,7 @@ def test_message_check_order_within_the_message_string(room, rt_server, sockets)
     fail(ann, {"content": "hi", "message_string": forge_message_string(
         tenant.id, "ann", chat, "another-sid", exp=time.time() - 1)}, "message_string_expired")
     # unused before "issued to this connection": a string spent by another connection
-    ann2 = sockets(rt_server.url, key_auth(tenant, chat, "ann"))
+    ann2 = sockets(rt_server.url, tenant.key_auth(chat, "ann"))
     theirs = ann2.message_string
     send_ok(ann2, "spent by ann2", theirs)
     fail(ann, {"content": "hi", "message_string": theirs}, "message_string_reused")
@@ -710,7 +688,7 @@ def test_repeated_client_message_id_returns_original_and_stores_or_broadcasts_no
 def test_client_message_id_is_scoped_to_the_chat(room, rt_server, sockets):
     tenant, _, chat, ann, _ = room
     other_chat = tenant.chat("ann")
-    elsewhere = sockets(rt_server.url, key_auth(tenant, other_chat, "ann"))
+    elsewhere = sockets(rt_server.url, tenant.key_auth(other_chat, "ann"))
     here = send_ok(ann, "here", ann.message_string, client_message_id="same-id")
     there = send_ok(elsewhere, "there", elsewhere.message_string, client_message_id="same-id")
     assert there["message"]["id"] != here["message"]["id"]
@@ -790,9 +768,9 @@ def test_deleting_a_chat_over_rest_tells_its_clients_then_disconnects_them(rt_se
     tenant = new_tenant(rt_server.url)
     ws = tenant.workspace("ann", members=("bob",))
     doomed, kept = tenant.chat("ann", ws), tenant.chat("ann", ws)
-    ann = sockets(rt_server.url, key_auth(tenant, doomed, "ann"))
+    ann = sockets(rt_server.url, tenant.key_auth(doomed, "ann"))
     bob = sockets(rt_server.url, string_auth(tenant, doomed, "bob"), "polling")
-    ann_elsewhere = sockets(rt_server.url, key_auth(tenant, kept, "ann"))
+    ann_elsewhere = sockets(rt_server.url, tenant.key_auth(kept, "ann"))
     bob_elsewhere = sockets(rt_server.url, string_auth(tenant, kept, "bob"), "polling")
     for client in (ann, bob, ann_elsewhere, bob_elsewhere):
         established(client)
@@ -812,7 +790,7 @@ def test_deleting_a_chat_over_rest_tells_its_clients_then_disconnects_them(rt_se
         assert client.sio.connected
         assert "chat_deleted" not in client.names() and "disconnect" not in client.names()
     # The chat is gone for good.
-    assert_refused(sockets(rt_server.url, key_auth(tenant, doomed, "ann")), "chat_not_found")
+    assert_refused(sockets(rt_server.url, tenant.key_auth(doomed, "ann")), "chat_not_found")
     r = requests.get(f"{rt_server.url}/api/v1/chats/{doomed}/messages", headers=tenant.headers,
                      timeout=10)
     assert r.status_code == 404, r.text

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REDIS_TEST_URL, service_missing, start_server, stop_server
-from tests.realtime import ChatClient, Tenant, connect, new_tenant, refusal_code
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import REDIS_TEST_URL, service_missing, start_server, stop_server
+from tests.kit.sio import ChatClient, connect, refusal_code
 
 pytestmark = pytest.mark.e2e
 
@@ -78,18 +79,6 @@ def full_history(tenant: Tenant, chat: str, **params: Any) -> list[dict]:
 
 def ids(messages: list[dict]) -> list[int]:
     return [int(m["id"]) for m in messages]
-
-
-def wait_until(client: ChatClient, predicate, timeout: float, what: str) -> None:
-    """Wait, bounded by ``timeout``, until ``predicate(events)`` holds for the client's events."""
-    deadline = time.monotonic() + timeout
-    with client.cond:
-        while not predicate(client.events):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                got = [(e, d.get("id") if isinstance(d, dict) else d) for e, d in client.events]
-                raise AssertionError(f"waited {timeout}s for {what}; got {got}")
-            client.cond.wait(remaining)
 
 
 def received_ids(events: list[tuple[str, Any]]) -> list[int]:
@@ -284,8 +273,8 @@ def reconnect_while_messages_keep_coming(server, transport: str, total: int = 15
             if extra and not done.is_set():
                 base = len(received_ids(reader.events))
                 try:
-                    wait_until(reader, lambda ev: len(received_ids(ev)) >= base + extra
-                               or done.is_set(), 15, f"{extra} more messages")
+                    reader.wait_until(lambda: len(received_ids(reader.events)) >= base + extra
+                                      or done.is_set(), 15, f"{extra} more messages")
                 except AssertionError:
                     if not done.is_set():
                         raise
@@ -310,8 +299,8 @@ def reconnect_while_messages_keep_coming(server, transport: str, total: int = 15
         # A last message, sent once the reader is connected for good, must reach it; anything
         # duplicated on this connection would have arrived before it.
         sentinel = sender.send("sentinel")
-        wait_until(reader, lambda ev: int(sentinel["id"]) in received_ids(ev), 30,
-                   f"message {sentinel['id']} on the last connection")
+        reader.wait_until(lambda: int(sentinel["id"]) in received_ids(reader.events), 30,
+                          f"message {sentinel['id']} on the last connection")
         reader.disconnect()
         connections.append((last_id, list(reader.events)))
     finally:

@@ -31,8 +31,10 @@ import psycopg2
 import pytest
 import websocket
 
-from tests.conftest import start_server, stop_server
-from tests.realtime import NAMESPACE, ChatClient, connect, new_tenant
+from tests.kit.rest import new_tenant
+from tests.kit.servers import start_server, stop_server
+from tests.kit.sio import NAMESPACE, ChatClient, connect
+from tests.kit.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -466,12 +468,10 @@ def test_database_call_blocked_in_one_chat_does_not_stall_another_chat(
 
         a.sio.emit("message", {"content": "from A", "message_string": a_string},
                    namespace=NAMESPACE, callback=on_ack("A"))
-        deadline = time.monotonic() + WAIT
-        while lock_waiters() == 0:  # polling PostgreSQL: there is no event to wait on
-            assert time.monotonic() < deadline, (
-                f"the server's INSERT for chat A never waited on the row lock; acks "
-                f"{arrivals}\nserver log:\n{_log_tail(server)}")
-            time.sleep(0.05)
+        # polling PostgreSQL: there is no event to wait on
+        wait_until(lambda: lock_waiters() != 0, WAIT,
+                   lambda: f"the server's INSERT for chat A to wait on the row lock; acks "
+                   f"{arrivals}\nserver log:\n{_log_tail(server)}")
 
         for i in range(5):
             b.sio.emit("message", {"content": f"from B {i}", "message_string": b_string},

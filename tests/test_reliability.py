@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
@@ -36,8 +36,10 @@ import websocket
 
 from workspace_chat_client.client import OrderedSocketIOClient
 from tests import agents
-from tests.conftest import LiveServer, start_server, stop_server
-from tests.realtime import NAMESPACE, Tenant, new_tenant
+from tests.kit.record import Recorder
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import LiveServer, start_server, stop_server
+from tests.kit.sio import NAMESPACE
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +61,7 @@ class Disconnected(Exception):
 
 # --- clients of every transport, with one interface ----------------------------------------
 
-class Peer:
+class Peer(Recorder):
     """A client of one chat that records what it receives, in arrival order, and sends
     messages one at a time, waiting for each answer."""
 
@@ -67,14 +69,8 @@ class Peer:
     transport: str
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, Any]] = []
-        self.cond = threading.Condition()
+        super().__init__()
         self.closed = False
-
-    def record(self, event: str, data: Any) -> None:
-        with self.cond:
-            self.events.append((event, data))
-            self.cond.notify_all()
 
     def mark_closed(self) -> None:
         with self.cond:
@@ -86,14 +82,7 @@ class Peer:
             return list(self.events)
 
     def count(self, name: str) -> int:
-        with self.cond:
-            return sum(1 for event, _ in self.events if event == name)
-
-    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        with self.cond:
-            if not self.cond.wait_for(predicate, timeout):
-                raise AssertionError(f"{self.label}: waited {timeout}s for {what}; got "
-                                     f"{[e for e, _ in self.events][-20:]}")
+        return len(self.named(name))
 
     def established(self) -> dict:
         self.wait_until(lambda: any(e == "connection_established" for e, _ in self.events),

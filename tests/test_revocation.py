@@ -9,23 +9,23 @@ where the revocation goes through process A and the client sits on process B.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import time
-from typing import Any
-from urllib.parse import urlencode
 
 import pytest
-import redis
 import requests
-import websocket
 
-from tests.conftest import ADMIN_TOKEN, service_missing, start_server, stop_server
-from tests.realtime import ChatClient, Tenant, connect, new_tenant, refusal_code
+from tests.kit.eio import Closed
+from tests.kit.plain import PlainClient
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import ADMIN_TOKEN, two_servers
+from tests.kit.sio import ChatClient, connect, refusal_code
 
 pytestmark = pytest.mark.e2e
 
 #: The promise is 2 s; every wait is bounded at ten times that.
 BOUND = 20
+CLIENT_TIMEOUT = BOUND  # the clients fixture's
 
 #: This module's own Redis database (flushed when its servers start); the server names its
 #: pub/sub channel after it.
@@ -36,108 +36,20 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 # --- clients ---------------------------------------------------------------------------------
 
-class PlainClient:
-    """A /ws/chat client (websocket-client) that records frames and notices the close."""
-
-    def __init__(self, url: str, **params: str) -> None:
-        ws_url = url.replace("http://", "ws://") + "/ws/chat?" + urlencode(params)
-        self.ws = websocket.create_connection(ws_url, timeout=BOUND)
-        self.frames: list[dict] = []
-        self.closed = False
-
-    def _next(self) -> bool:
-        """Read one frame; False once the server has closed the connection."""
-        try:
-            raw = self.ws.recv()
-        except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
-            raw = ""
-        if raw == "":
-            self.closed = True
-            return False
-        self.frames.append(json.loads(raw))
-        return True
-
-    def until(self, event: str) -> dict:
-        """The first frame called ``event`` (waiting for it, bounded)."""
-        deadline = time.monotonic() + BOUND
-        while True:
-            found = [f["data"] for f in self.frames if f["event"] == event]
-            if found:
-                return found[0]
-            assert time.monotonic() < deadline and self._next(), (
-                f"no {event!r} frame; got {[f['event'] for f in self.frames]}")
-
-    def wait_closed(self) -> None:
-        deadline = time.monotonic() + BOUND
-        while not self.closed:
-            assert time.monotonic() < deadline, "the server did not close /ws/chat"
-            self._next()
-
-    def send(self, frame: dict) -> None:
-        try:
-            self.ws.send(json.dumps(frame))
-        except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
-            pass  # already closed by the server: what the test wants
-
-    def close(self) -> None:
-        self.ws.close()
-
-
-class Opened:
-    """Every client a test opens, closed at its end."""
-
-    def __init__(self) -> None:
-        self.all: list[Any] = []
-
-    def sio(self, url: str, auth: dict[str, Any]) -> ChatClient:
-        client = connect(url, auth)
-        self.all.append(client)
-        assert client.connect_error is None, client.connect_error
-        client.wait_for("connection_established", timeout=BOUND)
-        return client
-
-    def plain(self, url: str, **params: str) -> PlainClient:
-        client = PlainClient(url, **params)
-        self.all.append(client)
-        client.until("connection_established")
-        return client
-
-    def close_all(self) -> None:
-        for client in self.all:
-            try:
-                client.close() if isinstance(client, PlainClient) else client.disconnect()
-            except Exception:  # already closed by the server
-                pass
-
-
-@pytest.fixture
-def opened():
-    clients = Opened()
-    yield clients
-    clients.close_all()
-
-
 def key_auth(tenant: Tenant, chat_id: str, user_id: str, key: str | None = None) -> dict:
     return {"chat_id": chat_id, "api_key": key or tenant.key, "user_id": user_id}
-
-
-def wait_disconnected(client: ChatClient) -> None:
-    deadline = time.monotonic() + BOUND
-    while client.sio.connected:
-        assert time.monotonic() < deadline, "the server did not disconnect the client"
-        time.sleep(0.02)  # polling the client's state: there is no event to wait on
 
 
 def ended_with(client: ChatClient | PlainClient, code: str, since: float) -> float:
     """Wait for the client's ``error {code}`` and its disconnection; returns the latency."""
     if isinstance(client, PlainClient):
-        error = client.until("error")
+        error = client.until("error")[0]
         latency = time.monotonic() - since
         client.wait_closed()
     else:
         error = client.wait_for("error", timeout=BOUND)[0]
         latency = time.monotonic() - since
-        wait_disconnected(client)
+        client.wait_disconnected(BOUND)
     assert error["code"] == code, error
     assert set(error) == {"code", "message", "details"} and error["message"], error
     return latency
@@ -147,11 +59,8 @@ def still_works(client: ChatClient, text: str) -> None:
     """The client can send and receives its own message."""
     ack = client.send(text, client.call("get_message_string")["message_string"])
     assert ack["ok"] is True, ack
-    deadline = time.monotonic() + BOUND
-    while text not in [m["content"] for m in client.named("message_received")]:
-        assert time.monotonic() < deadline, client.names()
-        client.wait_for("message_received", len(client.named("message_received")) + 1,
-                        timeout=BOUND)
+    client.wait_until(lambda: text in [m["content"] for m in client.named("message_received")],
+                      BOUND, f"{text!r} received")
 
 
 def try_sending(client: ChatClient, text: str, message_string: str) -> None:
@@ -199,23 +108,24 @@ def connection_string(tenant: Tenant, chat_id: str, user_id: str, key: str) -> s
 # --- one process (SQLite) ----------------------------------------------------------------------
 
 def test_removing_a_member_ends_their_sessions_with_forbidden_and_keeps_the_owner(
-        rt_server, opened):
+        rt_server, clients):
     url = rt_server.url
     tenant = new_tenant(url)
     workspace = tenant.workspace("ann", members=("bob",))
     chat = tenant.chat("ann", workspace_id=workspace)
     other = tenant.chat("bob")  # bob's own chat, in his own workspace: not affected
-    ann = opened.sio(url, key_auth(tenant, chat, "ann"))
+    ann = clients.open(url, key_auth(tenant, chat, "ann"))
     bob_string = tenant.connection_string(chat, "bob")
-    bob = opened.sio(url, {"chat_id": chat, "connection_string": bob_string})
-    bob_plain = opened.plain(url, chat_id=chat, api_key=tenant.key, user_id="bob")
-    bob_elsewhere = opened.sio(url, key_auth(tenant, other, "bob"))
+    bob = clients.open(url, {"chat_id": chat, "connection_string": bob_string})
+    bob_plain = clients.plain(url, chat_id=chat, api_key=tenant.key, user_id="bob")
+    bob_elsewhere = clients.open(url, key_auth(tenant, other, "bob"))
 
     since = time.monotonic()
     remove_member(url, tenant, workspace, "bob")
     # sent at once after the removal answered: never stored
     try_sending(bob, "after removal (socket.io)", bob.message_string)
-    bob_plain.send({"content": "after removal (/ws/chat)"})
+    with contextlib.suppress(Closed):  # already closed by the server: what the test wants
+        bob_plain.send({"content": "after removal (/ws/chat)"})
 
     latencies = [ended_with(bob, "forbidden", since), ended_with(bob_plain, "forbidden", since)]
     assert max(latencies) < BOUND  # the promise is 2 s; printed below for the record
@@ -227,26 +137,26 @@ def test_removing_a_member_ends_their_sessions_with_forbidden_and_keeps_the_owne
     assert contents == ["the owner carries on"], contents
 
     again = connect(url, key_auth(tenant, chat, "bob"))
-    opened.all.append(again)
+    clients.add(again)
     assert refusal_code(again) == "forbidden", again.connect_error
     with_string = connect(url, {"chat_id": chat, "connection_string": bob_string})
-    opened.all.append(with_string)
+    clients.add(with_string)
     assert refusal_code(with_string) == "forbidden", with_string.connect_error
 
 
 def test_revoking_a_key_ends_its_sessions_and_voids_the_connection_strings_it_issued(
-        rt_server, opened):
+        rt_server, clients):
     url = rt_server.url
     tenant = new_tenant(url)
     key_id, key = new_key(tenant)
     workspace = tenant.workspace("ann", members=("bob",))
     chat = tenant.chat("ann", workspace_id=workspace)
-    ann = opened.sio(url, key_auth(tenant, chat, "ann"))  # the tenant's first key: kept
-    from_string = opened.sio(url, {"chat_id": chat, "connection_string":
+    ann = clients.open(url, key_auth(tenant, chat, "ann"))  # the tenant's first key: kept
+    from_string = clients.open(url, {"chat_id": chat, "connection_string":
                                    connection_string(tenant, chat, "bob", key)})
-    with_key = opened.sio(url, key_auth(tenant, chat, "ann", key))
-    plain_with_key = opened.plain(url, chat_id=chat, api_key=key, user_id="bob")
-    plain_from_string = opened.plain(url, chat_id=chat, connection_string=connection_string(
+    with_key = clients.open(url, key_auth(tenant, chat, "ann", key))
+    plain_with_key = clients.plain(url, chat_id=chat, api_key=key, user_id="bob")
+    plain_from_string = clients.plain(url, chat_id=chat, connection_string=connection_string(
         tenant, chat, "ann", key))
     unused_string = connection_string(tenant, chat, "bob", key)
     kept_string = connection_string(tenant, chat, "bob", tenant.key)
@@ -260,33 +170,33 @@ def test_revoking_a_key_ends_its_sessions_and_voids_the_connection_strings_it_is
 
     still_works(ann, "the other key's session carries on")
     refused = connect(url, {"chat_id": chat, "connection_string": unused_string})
-    opened.all.append(refused)
+    clients.add(refused)
     assert refusal_code(refused) == "invalid_connection_string", refused.connect_error
     assert "revoked" in refused.connect_error["data"]["message"]
-    plain_refused = PlainClient(url, chat_id=chat, connection_string=unused_string)
-    opened.all.append(plain_refused)
-    assert plain_refused.until("error")["code"] == "invalid_connection_string"
+    plain_refused = clients.add(PlainClient(url, timeout=BOUND, chat_id=chat,
+                                            connection_string=unused_string))
+    assert plain_refused.until("error")[0]["code"] == "invalid_connection_string"
     by_key = connect(url, key_auth(tenant, chat, "bob", key))
-    opened.all.append(by_key)
+    clients.add(by_key)
     assert refusal_code(by_key) == "invalid_api_key", by_key.connect_error
     # a string the other key issued still works
-    opened.sio(url, {"chat_id": chat, "connection_string": kept_string})
+    clients.open(url, {"chat_id": chat, "connection_string": kept_string})
 
 
 def test_deleting_a_workspace_ends_the_sessions_of_its_chats_with_chat_deleted(
-        rt_server, opened):
+        rt_server, clients):
     url = rt_server.url
     tenant = new_tenant(url)
     workspace = tenant.workspace("ann", members=("bob",))
     first = tenant.chat("ann", workspace_id=workspace)
     second = tenant.chat("ann", workspace_id=workspace)
     elsewhere = tenant.chat("ann")
-    in_first = [opened.sio(url, key_auth(tenant, first, "ann")),
-                opened.sio(url, {"chat_id": first, "connection_string":
+    in_first = [clients.open(url, key_auth(tenant, first, "ann")),
+                clients.open(url, {"chat_id": first, "connection_string":
                                  tenant.connection_string(first, "bob")})]
-    plain_in_second = opened.plain(url, chat_id=second, api_key=tenant.key, user_id="bob")
-    in_second = opened.sio(url, key_auth(tenant, second, "ann"))
-    bystander = opened.sio(url, key_auth(tenant, elsewhere, "ann"))
+    plain_in_second = clients.plain(url, chat_id=second, api_key=tenant.key, user_id="bob")
+    in_second = clients.open(url, key_auth(tenant, second, "ann"))
+    bystander = clients.open(url, key_auth(tenant, elsewhere, "ann"))
 
     since = time.monotonic()
     delete_workspace(url, tenant, workspace)
@@ -294,8 +204,8 @@ def test_deleting_a_workspace_ends_the_sessions_of_its_chats_with_chat_deleted(
     for client, chat in [(in_first[0], first), (in_first[1], first), (in_second, second)]:
         assert client.wait_for("chat_deleted", timeout=BOUND)[0] == {"chat_id": chat}
         latencies.append(time.monotonic() - since)
-        wait_disconnected(client)
-    assert plain_in_second.until("chat_deleted") == {"chat_id": second}
+        client.wait_disconnected(BOUND)
+    assert plain_in_second.until("chat_deleted")[0] == {"chat_id": second}
     plain_in_second.wait_closed()
     assert max(latencies) < BOUND
     print(f"deleted workspace's sessions ended after {max(latencies):.3f} s")
@@ -349,35 +259,23 @@ def test_a_connection_authorised_while_a_revocation_ends_sessions_is_refused(
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, pg_database_factory):
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()
-    except redis.RedisError as exc:
-        service_missing("Redis", exc)
-    env = {"DATABASE_URL": pg_database_factory(), "REDIS_URL": REDIS_URL}
-    tmp = tmp_path_factory.mktemp("revocation-cluster")
-    a = start_server(tmp, **env)
-    try:
-        b = start_server(tmp, **env)
-    except BaseException:
-        stop_server(a.process)
-        raise
-    yield a, b
-    stop_server(b.process)
-    stop_server(a.process)
+    with two_servers(tmp_path_factory.mktemp("revocation-cluster"),
+                     DATABASE_URL=pg_database_factory(), REDIS_URL=REDIS_URL) as pair:
+        yield pair
 
 
-def test_a_revocation_through_process_a_ends_the_sessions_on_process_b(cluster, opened):
+def test_a_revocation_through_process_a_ends_the_sessions_on_process_b(cluster, clients):
     a, b = cluster
     tenant = new_tenant(a.url)
     key_id, key = new_key(tenant)
     workspace = tenant.workspace("ann", members=("bob",))
     chat = tenant.chat("ann", workspace_id=workspace)
-    ann_on_b = opened.sio(b.url, key_auth(tenant, chat, "ann"))
-    bob_on_b = opened.sio(b.url, key_auth(tenant, chat, "bob"))
-    bob_plain_on_b = opened.plain(b.url, chat_id=chat, api_key=tenant.key, user_id="bob")
-    keyed_on_b = opened.sio(b.url, {"chat_id": chat, "connection_string":
+    ann_on_b = clients.open(b.url, key_auth(tenant, chat, "ann"))
+    bob_on_b = clients.open(b.url, key_auth(tenant, chat, "bob"))
+    bob_plain_on_b = clients.plain(b.url, chat_id=chat, api_key=tenant.key, user_id="bob")
+    keyed_on_b = clients.open(b.url, {"chat_id": chat, "connection_string":
                                     connection_string(tenant, chat, "ann", key)})
-    keyed_plain_on_b = opened.plain(b.url, chat_id=chat, api_key=key, user_id="ann")
+    keyed_plain_on_b = clients.plain(b.url, chat_id=chat, api_key=key, user_id="ann")
     unused_string = connection_string(tenant, chat, "ann", key)
 
     since = time.monotonic()
@@ -392,12 +290,12 @@ def test_a_revocation_through_process_a_ends_the_sessions_on_process_b(cluster, 
     print(f"sessions on the other process ended after {max(latencies):.3f} s")
     still_works(ann_on_b, "the owner carries on")
     refused = connect(b.url, {"chat_id": chat, "connection_string": unused_string})
-    opened.all.append(refused)
+    clients.add(refused)
     assert refusal_code(refused) == "invalid_connection_string", refused.connect_error
 
     since = time.monotonic()
     delete_workspace(a.url, tenant, workspace)
     assert ann_on_b.wait_for("chat_deleted", timeout=BOUND)[0] == {"chat_id": chat}
-    wait_disconnected(ann_on_b)
+    ann_on_b.wait_disconnected(BOUND)
     print(f"deleted workspace's session on the other process ended after "
           f"{time.monotonic() - since:.3f} s")

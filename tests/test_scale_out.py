@@ -25,15 +25,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-import redis
 import requests
 
 from tests import agents
-from tests.conftest import LiveServer, service_missing, start_server, stop_server
-from tests.realtime import ChatClient, Tenant, connect, new_tenant, refusal_code
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import LiveServer, start_server, stop_server, two_servers
+from tests.kit.sio import ChatClient, refusal_code
+from tests.kit.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -75,70 +76,11 @@ class Cluster:
 
 @pytest.fixture(scope="module", params=["eventlet", "gevent"])
 def cluster(request, tmp_path_factory, pg_database_factory):
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()
-    except redis.RedisError as exc:
-        service_missing("Redis", exc)
     env = {**SCALE_ENV, "ASYNC_MODE": request.param, "DATABASE_URL": pg_database_factory(),
            "REDIS_URL": REDIS_URL}
     tmp = tmp_path_factory.mktemp(f"scale-{request.param}")
-    a = start_server(tmp, **env)
-    try:
-        b = start_server(tmp, **env)  # its release line re-runs the migrations: a no-op
-    except BaseException:
-        stop_server(a.process)
-        raise
-    yield Cluster(a, b, env, tmp)
-    stop_server(b.process)
-    stop_server(a.process)
-
-
-class Clients:
-    """The test's socket clients, all disconnected at its end."""
-
-    def __init__(self) -> None:
-        self.all: list[ChatClient] = []
-
-    def try_connect(self, url: str, auth: dict[str, Any]) -> ChatClient:
-        client = connect(url, auth)
-        self.all.append(client)
-        return client
-
-    def open(self, url: str, auth: dict[str, Any]) -> ChatClient:
-        client = self.try_connect(url, auth)
-        assert client.connect_error is None, (url, client.connect_error)
-        client.wait_for("connection_established")
-        return client
-
-    def close_all(self) -> None:
-        for client in self.all:
-            try:
-                client.disconnect()
-            except Exception:  # a client whose server is gone
-                pass
-
-
-@pytest.fixture
-def clients():
-    opened = Clients()
-    yield opened
-    opened.close_all()
-
-
-def key_auth(tenant: Tenant, chat_id: str, user_id: str = "ann", **extra: Any) -> dict[str, Any]:
-    return {"chat_id": chat_id, "api_key": tenant.key, "user_id": user_id, **extra}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout}s for {what or predicate}")
-        time.sleep(0.05)  # polling client state: there is no event to wait on
-
-
-def wait_disconnected(client: ChatClient, timeout: float = WAIT) -> None:
-    wait_until(lambda: not client.sio.connected, timeout, "the server to disconnect the client")
+    with two_servers(tmp, **env) as (a, b):
+        yield Cluster(a, b, env, tmp)
 
 
 def received_ids(client: ChatClient) -> list[str]:
@@ -168,8 +110,8 @@ def test_a_message_sent_on_one_process_reaches_the_chat_clients_on_the_other_exa
         cluster, clients):
     tenant = new_tenant(cluster.a.url)
     chat = shared_chat(tenant)
-    ann_on_a = clients.open(cluster.a.url, key_auth(tenant, chat, "ann"))
-    bob_on_b = clients.open(cluster.b.url, key_auth(tenant, chat, "bob"))
+    ann_on_a = clients.open(cluster.a.url, tenant.key_auth(chat, "ann"))
+    bob_on_b = clients.open(cluster.b.url, tenant.key_auth(chat, "bob"))
 
     from_a = ann_on_a.send("hello from A", ann_on_a.message_string)
     assert from_a["ok"] is True, from_a
@@ -196,10 +138,10 @@ def test_two_senders_on_two_processes_every_client_gets_all_messages_once_in_his
         cluster, clients):
     tenant = new_tenant(cluster.a.url)
     chat = shared_chat(tenant)
-    sender_a = clients.open(cluster.a.url, key_auth(tenant, chat, "ann"))
-    sender_b = clients.open(cluster.b.url, key_auth(tenant, chat, "bob"))
-    reader_a = clients.open(cluster.a.url, key_auth(tenant, chat, "bob"))
-    reader_b = clients.open(cluster.b.url, key_auth(tenant, chat, "ann"))
+    sender_a = clients.open(cluster.a.url, tenant.key_auth(chat, "ann"))
+    sender_b = clients.open(cluster.b.url, tenant.key_auth(chat, "bob"))
+    reader_a = clients.open(cluster.a.url, tenant.key_auth(chat, "bob"))
+    reader_b = clients.open(cluster.b.url, tenant.key_auth(chat, "ann"))
     per_sender = 30
     barrier = threading.Barrier(2)
     failures: list[Any] = []
@@ -257,8 +199,8 @@ def test_a_message_string_spent_on_one_process_is_refused_as_reused_on_the_other
         cluster, clients):
     tenant = new_tenant(cluster.a.url)
     chat = tenant.chat("ann")
-    on_a = clients.open(cluster.a.url, key_auth(tenant, chat, "ann"))
-    on_b = clients.open(cluster.b.url, key_auth(tenant, chat, "ann"))
+    on_a = clients.open(cluster.a.url, tenant.key_auth(chat, "ann"))
+    on_b = clients.open(cluster.b.url, tenant.key_auth(chat, "ann"))
     string = on_a.message_string
 
     first = on_a.send("first use", string)
@@ -279,8 +221,8 @@ def test_a_message_string_spent_on_one_process_is_refused_as_reused_on_the_other
 def test_chat_busy_and_stop_generation_work_across_processes(cluster, clients):
     tenant = new_tenant(cluster.a.url)
     chat = shared_chat(tenant, agent=SCRIPTED_AGENT)
-    on_a = clients.open(cluster.a.url, key_auth(tenant, chat, "ann"))
-    on_b = clients.open(cluster.b.url, key_auth(tenant, chat, "bob"))
+    on_a = clients.open(cluster.a.url, tenant.key_auth(chat, "ann"))
+    on_b = clients.open(cluster.b.url, tenant.key_auth(chat, "bob"))
 
     ack = on_a.send("tokens 40 0.05", on_a.message_string)
     assert ack["ok"] is True, ack
@@ -342,7 +284,7 @@ def test_the_rest_rate_limit_is_one_counter_for_the_tenant_across_processes(clus
 def test_the_connection_limit_counts_the_tenant_connections_of_every_process(cluster, clients):
     tenant = new_tenant(cluster.a.url)
     chat = tenant.chat("ann")
-    auth = key_auth(tenant, chat, "ann")
+    auth = tenant.key_auth(chat, "ann")
     on_a = [clients.open(cluster.a.url, auth) for _ in range(2)]
     on_b = [clients.open(cluster.b.url, auth) for _ in range(2)]
     assert len(on_a) + len(on_b) == CONNECTION_LIMIT
@@ -374,7 +316,7 @@ def test_the_connection_limit_counts_the_tenant_connections_of_every_process(clu
         attempt.append(client)
         return client.connect_error is None
 
-    wait_until(fifth_fits_on_b, timeout=5, what="a freed place to be usable on B")
+    wait_until(fifth_fits_on_b, 5, "a freed place to be usable on B")
     attempt[-1].wait_for("connection_established")
 
 
@@ -385,10 +327,10 @@ def test_deleting_a_chat_through_one_process_disconnects_its_clients_on_every_pr
     tenant = new_tenant(cluster.a.url)
     chat = shared_chat(tenant)
     other_chat = tenant.chat("ann")
-    in_chat = [clients.open(cluster.b.url, key_auth(tenant, chat, "bob")),
-               clients.open(cluster.b.url, key_auth(tenant, chat, "ann")),
-               clients.open(cluster.a.url, key_auth(tenant, chat, "ann"))]
-    bystander = clients.open(cluster.b.url, key_auth(tenant, other_chat, "ann"))
+    in_chat = [clients.open(cluster.b.url, tenant.key_auth(chat, "bob")),
+               clients.open(cluster.b.url, tenant.key_auth(chat, "ann")),
+               clients.open(cluster.a.url, tenant.key_auth(chat, "ann"))]
+    bystander = clients.open(cluster.b.url, tenant.key_auth(other_chat, "ann"))
 
     r = requests.delete(f"{cluster.a.url}/api/v1/chats/{chat}", headers=tenant.headers,
                         timeout=10)
@@ -396,7 +338,7 @@ def test_deleting_a_chat_through_one_process_disconnects_its_clients_on_every_pr
 
     for client in in_chat:
         assert client.wait_for("chat_deleted", timeout=WAIT)[0] == {"chat_id": chat}
-        wait_disconnected(client)
+        client.wait_disconnected(WAIT)
     assert bystander.sio.connected
     assert "chat_deleted" not in bystander.names()
     assert requests.get(f"{cluster.b.url}/api/v1/chats/{chat}", headers=tenant.headers,
@@ -410,7 +352,7 @@ def test_a_process_killed_with_sigkill_leaves_no_connection_counted(cluster, cli
     try:
         tenant = new_tenant(cluster.a.url)
         chat = tenant.chat("ann")
-        auth = key_auth(tenant, chat, "ann")
+        auth = tenant.key_auth(chat, "ann")
         for _ in range(CONNECTION_LIMIT):
             clients.open(c.url, auth)
         # C's connections count for the other processes too
@@ -422,22 +364,20 @@ def test_a_process_killed_with_sigkill_leaves_no_connection_counted(cluster, cli
         killed_at = time.monotonic()
 
         # Nobody released C's connections; their leases run out (CONNECTION_LEASE_SECONDS).
-        deadline = killed_at + 15
-        attempts = 0
-        while True:
-            attempts += 1
+        def all_fit() -> list[ChatClient] | None:
             batch = [clients.try_connect(cluster.a.url, auth) for _ in range(CONNECTION_LIMIT)]
             refused = [client for client in batch if client.connect_error is not None]
             if not refused:
-                break
+                return batch
             assert all(refusal_code(client) == "too_many_connections" for client in refused), \
                 [client.connect_error for client in refused]
             for client in batch:
                 client.disconnect()
-            assert time.monotonic() < deadline, (
-                f"after {attempts} attempts over 15 s the killed process's connections "
-                f"still count")
-            time.sleep(0.5)  # the retry loop: leases run out on their own time
+            return None
+
+        # the retry loop: leases run out on their own time
+        batch = wait_until(all_fit, 15, "the killed process's connections to stop counting",
+                           interval=0.5)
         recovered_after = time.monotonic() - killed_at
         for client in batch:
             client.wait_for("connection_established")
@@ -456,7 +396,7 @@ def test_sigterm_mid_stream_ends_the_reply_cancelled_stored_and_nothing_is_misse
     try:
         tenant = new_tenant(cluster.a.url)
         chat = tenant.chat("ann", workspace_id=tenant.workspace("ann", agent=SCRIPTED_AGENT))
-        on_d = clients.open(d.url, key_auth(tenant, chat, "ann"))
+        on_d = clients.open(d.url, tenant.key_auth(chat, "ann"))
         ack = on_d.send("tokens 200 0.05", on_d.message_string)
         assert ack["ok"] is True, ack
         user_message_id = ack["message"]["id"]
@@ -472,7 +412,7 @@ def test_sigterm_mid_stream_ends_the_reply_cancelled_stored_and_nothing_is_misse
         assert ended["finish_reason"] == "cancelled", ended
         assert_whole_stream(on_d, ended)
         assert 5 <= len(stream_tokens(on_d, agent_message_id)) < 200
-        wait_disconnected(on_d)
+        on_d.wait_disconnected(WAIT)
         d.process.wait(timeout=max(0.1, 10 - (time.monotonic() - terminated_at)))
 
         history = tenant.history(chat)  # through A
@@ -483,7 +423,7 @@ def test_sigterm_mid_stream_ends_the_reply_cancelled_stored_and_nothing_is_misse
 
         # The client reconnects elsewhere with the newest message it has: nothing is missing,
         # nothing is replayed, and no reply is said to be streaming.
-        newest = clients.open(cluster.a.url, key_auth(tenant, chat, "ann",
+        newest = clients.open(cluster.a.url, tenant.key_auth(chat, "ann",
                                                       last_message_id=agent_message_id))
         newest.call("get_message_string")  # acked after the connect handler's replay
         assert newest.named("connection_established")[0]["history_truncated"] is False
@@ -493,7 +433,7 @@ def test_sigterm_mid_stream_ends_the_reply_cancelled_stored_and_nothing_is_misse
         assert known == [m["id"] for m in history]
 
         # A client that had only the user's message gets the stored reply, whole.
-        behind = clients.open(cluster.a.url, key_auth(tenant, chat, "ann",
+        behind = clients.open(cluster.a.url, tenant.key_auth(chat, "ann",
                                                       last_message_id=user_message_id))
         behind.call("get_message_string")
         replayed = behind.named("message_received")

@@ -7,15 +7,15 @@ Every wait is on an event; the only timing assertions are coarse bounds on event
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
 
 from app.config import from_env
 from tests import agents
-from tests.conftest import start_server, stop_server
-from tests.realtime import ChatClient, Tenant, connect, new_tenant
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import start_server, stop_server
+from tests.kit.sio import ChatClient, connect
 
 pytestmark = pytest.mark.e2e
 
@@ -61,20 +61,14 @@ def scripted_chat(url: str) -> tuple[Tenant, str]:
 def reply_to(client: ChatClient, user: dict) -> tuple[str, list[dict], dict, list[str]]:
     """Wait for the reply to ``user`` to end: (message id, its token events, its
     message_stream_ended, the names of its events in order of arrival)."""
-    deadline = time.monotonic() + WAIT
+    def ended_reply() -> list[dict] | None:
+        ids = {d["message_id"] for d in client.named("message_stream_started")
+               if d["reply_to"] == user["id"]}
+        return [d for d in client.named("message_stream_ended") if d["message_id"] in ids]
+
+    ended = client.wait_until(ended_reply, WAIT, f"the reply to {user['id']}")
+    message_id = ended[0]["message_id"]
     with client.cond:
-        while True:
-            started = [d for e, d in client.events
-                       if e == "message_stream_started" and d["reply_to"] == user["id"]]
-            ids = {d["message_id"] for d in started}
-            ended = [d for e, d in client.events
-                     if e == "message_stream_ended" and d["message_id"] in ids]
-            if ended:
-                break
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no reply to {user['id']}: {[e for e, _ in client.events]}"
-            client.cond.wait(remaining)
-        message_id = ended[0]["message_id"]
         mine = [(e, d) for e, d in client.events
                 if isinstance(d, dict) and d.get("message_id") == message_id]
     tokens = [d for e, d in mine if e == "message_stream_token"]

@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from workspace_chat_client import ChatClient
-from tests.conftest import ROOT, procfile_command, start_server, stop_server
-from tests.realtime import Tenant, new_tenant
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import run_again, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -195,7 +195,7 @@ def test_a_refused_connection_says_why_and_exits_non_zero(live_server, terminals
 
 
 def test_an_unreachable_server_is_one_clear_line(terminals):
-    from tests.conftest import free_port
+    from tests.kit.servers import free_port
 
     term = terminals("--url", f"http://127.0.0.1:{free_port()}", "--api-key", "k",
                      "--user", "ann", "--chat", "c", "--timeout", "3")
@@ -228,10 +228,7 @@ def test_the_terminal_reconnects_after_a_server_restart(tmp_path, terminals):
         # stop it (SIGTERM: it closes its sockets) and start it again on the same port
         stop_server(process)
         term.expect(r"Connection lost; reconnecting\.\.\.")
-        log = open(server.log_path, "ab")
-        process = subprocess.Popen(["bash", "-c", "exec " + procfile_command("web")],
-                                   cwd=ROOT, env=server.env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = run_again(server).process
         term.expect(r"Reconnected\.", timeout=60)
 
         with ChatClient(server.url, tenant.key, "ann") as ann:

@@ -13,13 +13,14 @@ import json
 import time
 from typing import Any
 
+import requests
 import websocket
 
 NAMESPACE = "/chat"
 
 
-class Closed(Exception):
-    """The server closed the connection."""
+class Closed(websocket.WebSocketConnectionClosedException):
+    """The server closed the connection (raw Engine.IO, raw WebSocket and /ws/chat alike)."""
 
 
 class RawSocketIO:
@@ -128,3 +129,11 @@ class RawSocketIO:
             self.ws.close()
         except Exception:
             pass
+
+
+def polling_session(url: str) -> str:
+    """An Engine.IO long-polling session's id (the handshake only)."""
+    r = requests.get(url + "/socket.io/", params={"EIO": "4", "transport": "polling"},
+                     timeout=10)
+    assert r.status_code == 200 and r.text.startswith("0{"), r.text
+    return json.loads(r.text[1:])["sid"]

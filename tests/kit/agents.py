@@ -1,20 +1,24 @@
-"""Helpers for the agent security tests: a recording HTTP listener on loopback, a chat
-client that asks one question, and direct access to a live server's stored agent."""
+"""Agents end to end: a recording HTTP listener on loopback (the agent's destination), "a
+workspace with agent X, a chat and a connected client" and asking it a question, and direct
+access to a live server's stored agent."""
 from __future__ import annotations
 
 import ipaddress
 import json
 import pathlib
 import threading
-import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Iterator
 
+import pytest
 import requests
 import sqlalchemy
 
 from app.agents import net
-from tests.realtime import ChatClient, Tenant, connect
+from tests.kit.clients import Clients
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.sio import ChatClient, join as join_chat
 
 WAIT = 15.0
 
@@ -77,26 +81,53 @@ class Listener:
         self.thread.join(10)
 
 
-def join(tenant: Tenant, chat: str, user: str = "ann") -> ChatClient:
-    client = connect(tenant.url, {"chat_id": chat,
-                                  "connection_string": tenant.connection_string(chat, user)})
-    assert client.connect_error is None, client.connect_error
-    client.wait_for("connection_established")
-    return client
+def join(tenant: Tenant, chat: str, user: str = "ann", transport: str = "websocket",
+         **auth: Any) -> ChatClient:
+    """A client joined to ``chat`` with a connection string (as a browser would), past
+    connection_established; ``auth`` adds to its auth payload."""
+    return join_chat(tenant.url, {"chat_id": chat,
+                                  "connection_string": tenant.connection_string(chat, user),
+                                  **auth}, transport)
 
 
-def wait_event(client: ChatClient, name: str, match, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    with client.cond:
-        while True:
-            for event, data in client.events:
-                if event == name and match(data):
-                    return data
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no matching {name!r} within {timeout}s: "
-                                     f"{[e for e, _ in client.events]}")
-            client.cond.wait(remaining)
+@dataclass
+class AgentChat:
+    """A new tenant's workspace with an agent, a chat in it, and its users' joined clients.
+    Unpacks as ``tenant, chat, clients``."""
+
+    tenant: Tenant
+    workspace: str
+    chat: str
+    clients: tuple[ChatClient, ...]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.tenant, self.chat, self.clients))
+
+
+@pytest.fixture
+def agent_chat():
+    """agent_chat(server, agent, *users, members=None, transports=None) -> AgentChat.
+
+    On ``server``: a new tenant, a workspace with ``agent`` owned by the first user (the
+    others its members, or ``members``), a chat of the owner's in it, and one client per user
+    joined with a connection string (over ``transports[user]``, websocket by default). The
+    clients are disconnected at the end of the test."""
+    opened = Clients()
+
+    def make(server: Any, agent: dict, *users: str, members: tuple[str, ...] | None = None,
+             transports: dict[str, str] | None = None) -> AgentChat:
+        tenant = new_tenant(server.url)
+        owner = users[0] if users else "ann"
+        workspace = tenant.workspace(owner, members=tuple(users[1:]) if members is None
+                                     else members, agent=agent)
+        chat = tenant.chat(owner, workspace)
+        clients = tuple(opened.add(join(tenant, chat, user,
+                                        (transports or {}).get(user, "websocket")))
+                        for user in users)
+        return AgentChat(tenant, workspace, chat, clients)
+
+    yield make
+    opened.close_all()
 
 
 def ask(client: ChatClient, content: str) -> tuple[dict, dict | None]:
@@ -104,10 +135,11 @@ def ask(client: ChatClient, content: str) -> tuple[dict, dict | None]:
     string = client.call("get_message_string")["message_string"]
     ack = client.send(content, string)
     assert ack["ok"] is True, ack
-    started = wait_event(client, "message_stream_started",
-                         lambda d: d["reply_to"] == ack["message"]["id"])
+    started = client.wait_event("message_stream_started",
+                                lambda d: d["reply_to"] == ack["message"]["id"], WAIT)
     message_id = started["message_id"]
-    ended = wait_event(client, "message_stream_ended", lambda d: d["message_id"] == message_id)
+    ended = client.wait_event("message_stream_ended", lambda d: d["message_id"] == message_id,
+                              WAIT)
     with client.cond:
         errors = [d for e, d in client.events if e == "error" and d.get("code") == "agent_error"
                   and (d.get("details") or {}).get("message_id") == message_id]
