@@ -22,8 +22,10 @@ import pytest
 import redis
 
 from app.chat.relay import ChatRelay, SubscribeTimeout
-from tests.conftest import LiveServer, service_missing, start_server, stop_server
-from tests.realtime import ChatClient, PlainClient, Tenant, new_tenant
+from tests.kit.plain import PlainClient
+from tests.kit.rest import Tenant, new_tenant
+from tests.kit.servers import LiveServer, service_missing, start_server, stop_server
+from tests.kit.sio import ChatClient
 from tests.test_scale_out import Clients, key_auth, received_ids, shared_chat, wait_until
 
 pytestmark = pytest.mark.e2e

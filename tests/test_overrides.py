@@ -27,7 +27,7 @@ from app.overrides.socketio import RedisRelayManager
 from workspace_chat_client import _overrides as client_overrides
 
 from tests.conftest import base_config
-from tests.hostile import wait_until
+from tests.kit.wait import wait_until
 
 #: Redis database of this module's tests (the suite's others use 10-13).
 REDIS_URL = "redis://127.0.0.1:6379/15"

@@ -10,9 +10,11 @@ from __future__ import annotations
 import pytest
 import redis
 
-from tests.conftest import service_missing, start_server, stop_server
-from tests.hostile import wait_until
-from tests.realtime import PlainClient, connect, new_tenant, refusal_code
+from tests.kit.plain import PlainClient
+from tests.kit.rest import new_tenant
+from tests.kit.servers import service_missing, start_server, stop_server
+from tests.kit.sio import connect, refusal_code
+from tests.kit.wait import wait_until
 
 REDIS_URL = "redis://127.0.0.1:6379/9"
 LEASE_SECONDS = 3

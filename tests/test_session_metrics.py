@@ -6,8 +6,9 @@ from __future__ import annotations
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.hostile import wait_until
-from tests.realtime import PlainClient, new_tenant
+from tests.kit.plain import PlainClient
+from tests.kit.rest import new_tenant
+from tests.kit.wait import wait_until
 
 
 def metric(url: str, name: str, **labels: str) -> float:

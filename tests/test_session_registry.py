@@ -14,7 +14,7 @@ from app.chat import session
 from app.chat.connections import authorize_connection, shared_state
 from app.errors import ApiError
 from app.extensions import socketio
-from tests.conftest import service_missing
+from tests.kit.servers import service_missing
 
 NAMESPACE = "/chat"
 REDIS_URL = "redis://127.0.0.1:6379/9"

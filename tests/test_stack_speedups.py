@@ -17,7 +17,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 import warnings
 from importlib import metadata
 
@@ -25,9 +24,11 @@ import psycopg2
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tests.conftest import ROOT, base_config, server_env, start_server, stop_server
-from tests.rawsio import NAMESPACE, RawSocketIO
-from tests.realtime import new_tenant
+from tests.conftest import base_config
+from tests.kit.eio import NAMESPACE, RawSocketIO
+from tests.kit.rest import new_tenant
+from tests.kit.servers import ROOT, server_env, start_server, stop_server
+from tests.kit.wait import wait_until
 
 warnings.filterwarnings("ignore", message="\nEventlet is deprecated")
 
@@ -218,14 +219,6 @@ class _ChatRowLock:
         self.release()
 
 
-def _wait_until(condition, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout}s for {what}")
-        time.sleep(0.02)  # polling PostgreSQL's view of locks: there is no event to wait on
-
-
 def test_a_waiting_handler_holds_up_its_own_connection_only(pg_server):
     tenant = new_tenant(pg_server.url)
     chat_a, chat_b = tenant.chat("ann"), tenant.chat("bob")
@@ -235,7 +228,8 @@ def test_a_waiting_handler_holds_up_its_own_connection_only(pg_server):
         with _ChatRowLock(pg_server.database_url, chat_a) as lock:
             slow = a.emit("message", {"content": "waits for the lock",
                                       "message_string": a_string})
-            _wait_until(lambda: lock.waiters() >= 1, "the server's insert to wait")
+            wait_until(lambda: lock.waiters() >= 1, 20, "the server's insert to wait",
+                       interval=0.02)  # PostgreSQL's view of locks: no event to wait on
             behind = a.emit("get_message_string", {})
             # another connection is served while A's handler waits: a message stored and
             # broadcast in another chat, and a message string
