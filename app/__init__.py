@@ -52,6 +52,9 @@ def _init_realtime(app: "Flask") -> None:
         serializer=StrictPacket,
     )
     refuse_malformed_input(socketio.server, app.logger, app.config["CONNECT_TIMEOUT"])
+    from app import overload
+
+    overload.init_app(app, socketio)
     from app.chat.transport import install_session_limits
 
     install_session_limits(socketio.server, app)

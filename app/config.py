@@ -114,6 +114,11 @@ class Defaults:
     # a connection's events run one after another in its own reader, in the order sent;
     # other connections have their own readers (tests/test_stack_speedups.py).
     SOCKETIO_ASYNC_HANDLERS = False
+    # Overload (app/overload.py): while the event loop lags more than this many seconds, new
+    # messages and REST requests are refused with server_busy, for the hold time after the
+    # last such lag; an accepted message is then acknowledged within 2 s (CONTRACT.md, 9).
+    OVERLOAD_LAG_SECONDS = 1.0
+    OVERLOAD_HOLD_SECONDS = 1.0
     # /ws/chat (app/ws/socket.py): a message over 1 MB is refused with close code 1009.
     SOCK_SERVER_OPTIONS = {"max_message_size": 1024 * 1024, "receive_bytes": 4096}
     SQLALCHEMY_TRACK_MODIFICATIONS = False

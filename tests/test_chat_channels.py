@@ -26,7 +26,9 @@ from tests.kit.plain import PlainClient
 from tests.kit.rest import Tenant, new_tenant
 from tests.kit.servers import LiveServer, service_missing, start_server, stop_server
 from tests.kit.sio import ChatClient
-from tests.test_scale_out import Clients, key_auth, received_ids, shared_chat, wait_until
+from tests.kit.clients import Clients
+from tests.kit.wait import wait_until
+from tests.test_scale_out import received_ids, shared_chat
 
 pytestmark = pytest.mark.e2e
 
@@ -64,13 +66,6 @@ def cluster(request, store, tmp_path_factory, pg_database_factory):
     yield a, b
     stop_server(b.process)
     stop_server(a.process)
-
-
-@pytest.fixture
-def clients():
-    opened = Clients()
-    yield opened
-    opened.close_all()
 
 
 # --- what Redis knows about each process ------------------------------------------------------
@@ -111,17 +106,17 @@ def test_a_process_listens_to_a_chat_only_while_it_has_a_client_in_it(cluster, s
     tenant = new_tenant(a.url)
     chat = shared_chat(tenant)
     elsewhere = tenant.chat("bob")
-    bystander = clients.open(b.url, key_auth(tenant, elsewhere, "bob"))  # B is busy elsewhere
+    bystander = clients.open(b.url, tenant.key_auth(elsewhere, "bob"))  # B is busy elsewhere
     # (A starts listening at its first connection: until then it has no connection at all)
     wait_until(lambda: chats_heard(store, b) == 1 and chats_heard(store, a) in (0, None),
-               what="B to hear its one chat and A none (earlier tests' clients are gone)")
+               message="B to hear its one chat and A none (earlier tests' clients are gone)")
     assert subscribers(store, chat) == 0
 
-    ann = clients.open(a.url, key_auth(tenant, chat, "ann"))
+    ann = clients.open(a.url, tenant.key_auth(chat, "ann"))
     # subscribed before the connect handler read the history: no waiting here
     assert subscribers(store, chat) == 1
     assert (chats_heard(store, a), chats_heard(store, b)) == (1, 1)  # A's, not B's
-    bob = clients.open(a.url, key_auth(tenant, chat, "bob"))
+    bob = clients.open(a.url, tenant.key_auth(chat, "bob"))
     string = ann.message_string
     sent = []
     for i in range(20):
@@ -140,7 +135,7 @@ def test_a_process_listens_to_a_chat_only_while_it_has_a_client_in_it(cluster, s
     assert subscribers(store, chat) == 1  # bob is still there
     bob.disconnect()
     wait_until(lambda: subscribers(store, chat) == 0 and chats_heard(store, a) == 0,
-               what="A to unsubscribe once its last client of the chat left")
+               message="A to unsubscribe once its last client of the chat left")
     assert chats_heard(store, b) == 1
 
 
@@ -194,7 +189,7 @@ def join_socketio(clients: Clients, b: LiveServer, tenant: Tenant, chat: str,
     """Join on B with ``last_message_id=after``, stay until a message stored after the join
     (after its replay was read) arrived, leave; the ids of the messages it got, and that
     message's."""
-    client = clients.open(b.url, key_auth(tenant, chat, "bob", last_message_id=after))
+    client = clients.open(b.url, tenant.key_auth(chat, "bob", last_message_id=after))
     later = sender.stored_from_now()  # connection_established came after the replay read
     deadline = time.monotonic() + WAIT
     while later not in received_ids(client):
@@ -225,7 +220,7 @@ def test_clients_joining_on_another_process_mid_stream_get_every_later_message_o
     a, b = cluster
     tenant = new_tenant(a.url)
     chat = shared_chat(tenant)
-    sender = Sender(clients.open(a.url, key_auth(tenant, chat, "ann")))
+    sender = Sender(clients.open(a.url, tenant.key_auth(chat, "ann")))
     sender.start()
     joins: list[tuple[str, list[str], str]] = []
     try:
@@ -233,7 +228,7 @@ def test_clients_joining_on_another_process_mid_stream_get_every_later_message_o
             after = sender.stored_from_now()
             if n % 2 == 0:  # half the joins find B unsubscribed; half race its unsubscribe
                 wait_until(lambda: subscribers(store, chat) == 1,
-                           what="B to unsubscribe after its last client left")
+                           message="B to unsubscribe after its last client left")
             if n % 4 < 2:
                 got = join_socketio(clients, b, tenant, chat, sender, after)
             else:
@@ -259,8 +254,8 @@ def test_after_redis_drops_the_listener_connections_every_process_subscribes_aga
     a, b = cluster
     tenant = new_tenant(a.url)
     chat = shared_chat(tenant)
-    ann = clients.open(a.url, key_auth(tenant, chat, "ann"))
-    bob = clients.open(b.url, key_auth(tenant, chat, "bob"))
+    ann = clients.open(a.url, tenant.key_auth(chat, "ann"))
+    bob = clients.open(b.url, tenant.key_auth(chat, "bob"))
     assert subscribers(store, chat) == 2
     before = {listener(store, a)["id"], listener(store, b)["id"]}
 
@@ -273,7 +268,7 @@ def test_after_redis_drops_the_listener_connections_every_process_subscribes_aga
                 and subscribers(store, chat) == 2
                 and dict(store.pubsub_numsub(CHANNEL))[CHANNEL] == 2)
 
-    wait_until(renewed, what="both processes to subscribe again")
+    wait_until(renewed, message="both processes to subscribe again")
     first = ann.send("after the drop, from A", ann.message_string)
     assert first["ok"] is True, first
     second = bob.send("after the drop, from B", bob.message_string)
@@ -287,7 +282,7 @@ def test_after_redis_drops_the_listener_connections_every_process_subscribes_aga
 
     bob.disconnect()
     wait_until(lambda: subscribers(store, chat) == 1 and chats_heard(store, b) == 0,
-               what="B to unsubscribe")
+               message="B to unsubscribe")
 
 
 # --- 4. an unconfirmed subscription ----------------------------------------------------------------
@@ -350,10 +345,10 @@ def test_a_join_returns_only_once_redis_delivers_the_chat_to_the_process(store, 
     assert publish(channel, "hello") == 1
     assert relay.publish("chat:c3", "again") == 1  # the relay publishes the same way
     wait_until(lambda: received == [b"hello", b"again"],
-               what="the listener to yield the messages")
+               message="the listener to yield the messages")
 
     relay.release("chat:c2")  # nobody in it (in_use says no): unsubscribed
-    wait_until(lambda: dict(numsub(channel))[channel] == 0, what="the listener to unsubscribe")
+    wait_until(lambda: dict(numsub(channel))[channel] == 0, message="the listener to unsubscribe")
     assert relay.confirmed("chat:c3")
 
     store.client_kill_filter(_id=[c for c in store.client_list(_type="pubsub")

@@ -17,6 +17,7 @@ from app.auth import rate_limit_key, require_api_key, rest_rate_limit
 from app.errors import ApiError
 from app.extensions import limiter
 from app.jsondepth import MAX_JSON_DEPTH, too_deep
+from app.overload import refuse_when_overloaded
 from app.pagination import PaginationArgs
 from app.schemas import USER_ID_PATH_PARAMETER, require_valid_user_id
 from app.text import has_lone_surrogate, strings_in
@@ -97,6 +98,7 @@ rest_limit = limiter.shared_limit(rest_rate_limit, scope="rest", key_func=rate_l
 def tenant_blueprint(name: str, import_name: str, url_prefix: str, description: str) -> Blueprint:
     """A REST blueprint that requires an API key and counts against the tenant's rate limit."""
     bp = Blueprint(name, import_name, url_prefix=url_prefix, description=description)
+    bp.before_request(refuse_when_overloaded)  # first: refusing must cost next to nothing
     bp.before_request(require_api_key)
     rest_limit(bp)
     return bp

@@ -20,6 +20,7 @@ from app.chat.serialize import message_object, message_payload
 from app.errors import ApiError
 from app.extensions import db, socketio
 from app.models import Chat, Message, Workspace, utcnow
+from app.overload import refuse_when_overloaded
 from app.text import TEXT_ERROR, is_text
 from app.tokens import claims_or_refuse, issue_message_string, to_iso
 
@@ -108,7 +109,11 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
     unique constraint finds it when the message is stored, and a message refused for its
     rate or a busy chat is looked up then. Either way the retry gets its original, uses no
     rate, and stores nothing (one query per message instead of three; bench/RESULTS.md).
+
+    Before all of them, an overloaded process refuses with ``server_busy`` (app/overload.py):
+    nothing is checked, spent or stored, so the same message may be sent again as it is.
     """
+    refuse_when_overloaded()
     content, client_message_id = _validate_message(payload)
     if payload.get("chat_id") is not None and payload["chat_id"] != connection.chat_id:
         raise ApiError("chat_mismatch", "This connection is joined to another chat.",
