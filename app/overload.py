@@ -10,6 +10,7 @@ costs next to nothing, which is what lets the backlog drain.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable
 
@@ -25,29 +26,42 @@ class LoopMonitor:
     """Measures the event loop's lag and says whether new work must be refused."""
 
     def __init__(self, sleep: Callable[[float], Any], limit: float, hold: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger | None = None) -> None:
         self.sleep = sleep
         self.limit = limit
         self.hold = hold
         self.clock = clock
         self.refusing_until = 0.0
         self.last_lag = 0.0
+        #: When the monitor is next due to wake (None until it runs).
+        self.due: float | None = None
+        self.logger = logger or logging.getLogger(__name__)
 
     def note(self, lag: float) -> None:
         """One measurement: past ``limit``, refuse for ``hold`` seconds from now."""
         self.last_lag = lag
         if lag > self.limit:
+            if self.refusing_until <= self.clock():  # not refusing yet: say why from now
+                self.logger.warning("overloaded: the event loop lagged %.2f s; refusing new "
+                                    "messages and requests with server_busy", lag)
             self.refusing_until = self.clock() + self.hold
 
     def run(self) -> None:
         """The monitor's loop (a background task of its own)."""
         while True:
-            started = self.clock()
+            self.due = self.clock() + INTERVAL
             self.sleep(INTERVAL)
-            self.note(self.clock() - started - INTERVAL)
+            self.note(self.clock() - self.due)
 
     def retry_after(self) -> float | None:
-        """Seconds until new work is accepted again; None when it is accepted now."""
+        """Seconds until new work is accepted again; None when it is accepted now.
+
+        The loop may be running late right now, before the monitor itself could wake to say
+        so (the work that held the loop ended, and whatever was waiting for input runs before
+        the timers are looked at again): a monitor overdue by more than ``limit`` counts."""
+        if self.due is not None and self.clock() - self.due > self.limit:
+            self.note(self.clock() - self.due)
         remaining = self.refusing_until - self.clock()
         return round(remaining, 3) if remaining > 0 else None
 
@@ -68,7 +82,8 @@ def _monitor() -> LoopMonitor | None:
             return None
         config = current_app.config
         entry["monitor"] = LoopMonitor(socketio.sleep, config["OVERLOAD_LAG_SECONDS"],
-                                       config["OVERLOAD_HOLD_SECONDS"])
+                                       config["OVERLOAD_HOLD_SECONDS"],
+                                       logger=current_app.logger)
         socketio.start_background_task(entry["monitor"].run)
     return entry["monitor"]
 

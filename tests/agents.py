@@ -72,3 +72,18 @@ def generator_exit(context):
 def aborts(context):
     yield "t0 "
     raise AgentAbort("a BaseException subclass")
+
+
+#: How long ``hog`` holds the server's event loop.
+HOG_SECONDS = 2.0
+
+
+def hog(context):
+    """Yields a token, then holds the event loop for HOG_SECONDS without ever yielding to it
+    (a CPU-bound agent): the server is overloaded for that long. Then one more token."""
+    yield "holding "
+    time.sleep(0.3)  # a green sleep in the server: the first token goes out meanwhile
+    started = time.perf_counter()
+    while time.perf_counter() - started < HOG_SECONDS:
+        pass
+    yield "done"

@@ -1,0 +1,131 @@
+"""Overload (CONTRACT.md section 9): while the event loop lags, new messages and REST requests
+are refused at once with ``server_busy`` and ``retry_after``; afterwards the same message goes
+through, and nothing already accepted is lost.
+
+The end-to-end test overloads a real server with a python agent that holds its event loop for
+two seconds (``tests.agents:hog``); a message and a REST request sent meanwhile are answered
+when the loop is free again, and by then the process knows it fell behind.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+
+from app.overload import INTERVAL, LoopMonitor
+from tests.kit.rest import new_tenant
+from tests.kit.servers import start_server, stop_server
+from tests.kit.sio import connect
+from tests.kit.wait import wait_until
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_lag_past_the_limit_refuses_new_work_for_the_hold_time_then_accepts_again():
+    clock = FakeClock()
+    monitor = LoopMonitor(sleep=None, limit=1.0, hold=1.5, clock=clock)
+    monitor.note(0.2)
+    assert monitor.retry_after() is None  # a little lag: accepted
+    monitor.note(1.01)
+    assert monitor.retry_after() == 1.5
+    clock.now += 1.0
+    assert monitor.retry_after() == 0.5
+    clock.now += 0.5
+    assert monitor.retry_after() is None  # the hold is over and no lag since
+
+
+def test_the_monitor_measures_how_late_the_loop_woke_it():
+    clock = FakeClock()
+    lags = iter([0.0, 2.5])
+
+    class Done(Exception):
+        pass
+
+    def sleep(seconds):
+        assert seconds == INTERVAL
+        try:
+            clock.now += seconds + next(lags)  # woken that much late
+        except StopIteration:
+            raise Done from None
+
+    monitor = LoopMonitor(sleep, limit=1.0, hold=1.0, clock=clock)
+    with pytest.raises(Done):
+        monitor.run()
+    assert monitor.last_lag == pytest.approx(2.5)
+    assert monitor.retry_after() == pytest.approx(1.0)
+
+
+def answers_within(url: str, seconds: float) -> bool:
+    try:
+        return requests.get(url, timeout=seconds).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_a_monitor_overdue_by_more_than_the_limit_counts_before_it_wakes():
+    clock = FakeClock()
+    monitor = LoopMonitor(sleep=None, limit=1.0, hold=1.0, clock=clock)
+    monitor.due = clock.now + INTERVAL
+    clock.now += INTERVAL + 0.5
+    assert monitor.retry_after() is None  # late, but not by the limit
+    clock.now += 0.6
+    assert monitor.retry_after() == pytest.approx(1.0)  # stuck: refused before it wakes
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    live = start_server(tmp_path_factory.mktemp("overload"), ASYNC_MODE="eventlet",
+                        PYTHON_AGENTS="tests.agents:hog")
+    yield live
+    stop_server(live.process)
+
+
+def test_an_overloaded_server_refuses_with_server_busy_then_serves_the_same_message(server):
+    tenant = new_tenant(server.url)
+    hogged = tenant.workspace("ann", agent={"kind": "python", "callable": "tests.agents:hog"})
+    hog_chat, quiet_chat = tenant.chat("ann", workspace_id=hogged), tenant.chat("bob")
+    ann = connect(server.url, tenant.key_auth(hog_chat, "ann"))
+    bob = connect(server.url, tenant.key_auth(quiet_chat, "bob"))
+    try:
+        ack = ann.send("hold the loop", ann.message_string)
+        assert ack["ok"] and ack["reply_expected"], ack
+        ann.wait_for("message_stream_token", timeout=10)
+        wait_until(lambda: not answers_within(server.url + "/healthz", 0.25), 10,
+                   "the agent to hold the server's event loop", interval=0.01)
+        message = {"content": "sent while the server is stuck",
+                   "message_string": bob.message_string, "client_message_id": "m1"}
+        answers: dict[str, object] = {}
+        rest = threading.Thread(target=lambda: answers.setdefault("rest", requests.get(
+            f"{server.url}/api/v1/chats/{quiet_chat}", headers=tenant.headers, timeout=20)))
+        rest.start()
+        refused = bob.call("message", message, timeout=20)
+        rest.join(20)
+
+        assert refused["ok"] is False, refused
+        assert refused["error"]["code"] == "server_busy", refused
+        retry_after = refused["error"]["details"]["retry_after"]
+        assert 0 < retry_after <= 1.0
+        response = answers["rest"]
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "server_busy"
+        assert int(response.headers["Retry-After"]) >= 1
+
+        # Refused before any check: the same message string still works once the hold ends.
+        accepted = wait_until(lambda: (lambda a: a if a["ok"] else None)(
+            bob.call("message", message)), 10, "the message to be accepted",
+            interval=retry_after)
+        assert accepted["ok"] is True, accepted
+        assert [m["content"] for m in tenant.history(quiet_chat)] == [message["content"]]
+        ended = ann.wait_for("message_stream_ended", timeout=20)[0]
+        assert ended["finish_reason"] == "stop"
+        assert tenant.history(hog_chat)[-1]["content"] == "holding done"
+    finally:
+        ann.disconnect()
+        bob.disconnect()
