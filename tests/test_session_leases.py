@@ -92,7 +92,7 @@ def test_an_open_connection_counts_against_the_tenant_limit_past_its_lease(serve
             return (store.zscore(key, first.sid) or 0) >= renewed_past
 
         wait_until(renewed, timeout=3 * LEASE_SECONDS + 5,
-                   what=f"the lease of {first.sid} to be renewed past two lease periods")
+                   message=f"the lease of {first.sid} to be renewed past two lease periods")
 
         second = transport(server, auth)
         second.close()
@@ -111,5 +111,5 @@ def test_an_open_connection_counts_against_the_tenant_limit_past_its_lease(serve
         return True
 
     wait_until(a_new_connection_is_accepted, timeout=10,
-               what="a new connection once the first closed")
+               message="a new connection once the first closed")
     accepted[0].close()

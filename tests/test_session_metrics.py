@@ -42,7 +42,7 @@ def test_metrics_count_a_plain_websocket_connection_its_messages_and_its_errors(
     plain = PlainClient(live_server, chat_id=chat_id, api_key=tenant.key, user_id="ann")
     try:
         plain.until("connection_established")
-        wait_until(lambda: grew("open") == 1, timeout=10, what="the connections gauge to count it")
+        wait_until(lambda: grew("open") == 1, timeout=10, message="the connections gauge to count it")
         assert grew("connects") == 1
 
         plain.send({"content": "hello"})  # sent with the connection's kept message string
@@ -61,4 +61,4 @@ def test_metrics_count_a_plain_websocket_connection_its_messages_and_its_errors(
     finally:
         refused.close()
     assert grew("refused") == 1
-    wait_until(lambda: grew("open") == 0, timeout=10, what="the connections gauge to drop it")
+    wait_until(lambda: grew("open") == 0, timeout=10, message="the connections gauge to drop it")
