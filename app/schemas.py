@@ -24,7 +24,6 @@ METADATA_MAX_BYTES = 16 * 1024
 MAX_ID = 2**63 - 1  # ids and offsets are 64-bit integers in the database
 
 
-
 def is_valid_user_id(value: object) -> bool:
     """Whether ``value`` is a well-formed tenant-scoped user id."""
     # fullmatch: with re.match, "$" also matches before a trailing newline ("ann\n").

@@ -238,12 +238,15 @@ class ChatRedisManager(RedisRelayManager, ChatManager):
         super().initialize()
 
     def enter_room(self, sid, namespace, room, eio_sid=None):
-        if is_chat_room(room) and (self.is_connected(sid, namespace)
-                                   or self.is_pre_connected(sid, namespace)):
+        local = is_chat_room(room) and (self.is_connected(sid, namespace)
+                                        or self.is_pre_connected(sid, namespace))
+        if local:
             # confirmed before the joining client's catch-up reads the database, so what it
             # does not read reaches it through the channel (raises SubscribeTimeout)
             self.channels.subscribe(room)
-        return super().enter_room(sid, namespace, room, eio_sid=eio_sid)
+        super().enter_room(sid, namespace, room, eio_sid=eio_sid)
+        if local:
+            self.channels.release(room)  # if the client went away while it waited
 
     def basic_leave_room(self, sid, namespace, room):
         super().basic_leave_room(sid, namespace, room)
