@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import nullcontext
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -22,17 +23,14 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10, message: str = "
     log file, a clock). ``message`` (or a callable giving it) says what was waited for.
     """
     deadline = time.monotonic() + timeout
-    if condition is not None:
-        with condition:
-            while True:
-                value = predicate()
-                if value:
-                    return value
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                condition.wait(remaining)
-    else:
+
+    def pause(remaining: float) -> None:
+        if condition is not None:
+            condition.wait(remaining)  # woken by each notify
+        else:
+            time.sleep(min(interval, remaining))  # polling: no event announces this
+
+    with condition if condition is not None else nullcontext():
         while True:
             value = predicate()
             if value:
@@ -40,6 +38,6 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10, message: str = "
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            time.sleep(min(interval, remaining))  # polling: no event announces this
+            pause(remaining)
     text = message() if callable(message) else message
     raise AssertionError(f"waited {timeout}s for {text}")
