@@ -28,7 +28,7 @@ from tests.kit.servers import LiveServer, service_missing, start_server, stop_se
 from tests.kit.sio import ChatClient
 from tests.kit.clients import Clients
 from tests.kit.wait import wait_until
-from tests.test_scale_out import received_ids, shared_chat
+from tests.test_scale_out import exchange_across, received_ids, shared_chat
 
 pytestmark = pytest.mark.e2e
 
@@ -269,16 +269,7 @@ def test_after_redis_drops_the_listener_connections_every_process_subscribes_aga
                 and dict(store.pubsub_numsub(CHANNEL))[CHANNEL] == 2)
 
     wait_until(renewed, message="both processes to subscribe again")
-    first = ann.send("after the drop, from A", ann.message_string)
-    assert first["ok"] is True, first
-    second = bob.send("after the drop, from B", bob.message_string)
-    assert second["ok"] is True, second
-    last = ann.send("last", first["next_message_string"])
-    assert last["ok"] is True, last
-    expected = [first["message"]["id"], second["message"]["id"], last["message"]["id"]]
-    for client in (ann, bob):
-        client.wait_for("message_received", 3, timeout=WAIT)
-        assert received_ids(client) == expected, client.names()
+    exchange_across(ann, bob, "after the drop, from A", "after the drop, from B")
 
     bob.disconnect()
     wait_until(lambda: subscribers(store, chat) == 1 and chats_heard(store, b) == 0,

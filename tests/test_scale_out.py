@@ -98,6 +98,24 @@ def assert_whole_stream(client: ChatClient, ended: dict) -> None:
     assert "".join(t["token"] for t in tokens) == ended["content"], (tokens, ended)
 
 
+def exchange_across(first: ChatClient, second: ChatClient, first_text: str,
+                    second_text: str) -> list[str]:
+    """``first`` sends, then ``second``, then ``first`` again (through the chat's one channel:
+    anything doubled would come before that last one); both clients get all three once, in
+    that order. Returns the three ids."""
+    from_first = first.send(first_text, first.message_string)
+    assert from_first["ok"] is True, from_first
+    from_second = second.send(second_text, second.message_string)
+    assert from_second["ok"] is True, from_second
+    last = first.send("last", from_first["next_message_string"])
+    assert last["ok"] is True, last
+    expected = [from_first["message"]["id"], from_second["message"]["id"], last["message"]["id"]]
+    for client in (first, second):
+        client.wait_for("message_received", 3, timeout=WAIT)
+        assert received_ids(client) == expected, client.names()
+    return expected
+
+
 def shared_chat(tenant: Tenant, members: tuple[str, ...] = ("bob",), **workspace) -> str:
     """A chat of a workspace owned by ann with ``members``."""
     workspace_id = tenant.workspace("ann", members=members, **workspace)
@@ -113,18 +131,8 @@ def test_a_message_sent_on_one_process_reaches_the_chat_clients_on_the_other_exa
     ann_on_a = clients.open(cluster.a.url, tenant.key_auth(chat, "ann"))
     bob_on_b = clients.open(cluster.b.url, tenant.key_auth(chat, "bob"))
 
-    from_a = ann_on_a.send("hello from A", ann_on_a.message_string)
-    assert from_a["ok"] is True, from_a
-    from_b = bob_on_b.send("hello from B", bob_on_b.message_string)
-    assert from_b["ok"] is True, from_b
-    # A last message through the same channel: anything doubled would have come before it.
-    last = ann_on_a.send("last", from_a["next_message_string"])
-    assert last["ok"] is True, last
-
-    expected = [from_a["message"]["id"], from_b["message"]["id"], last["message"]["id"]]
+    expected = exchange_across(ann_on_a, bob_on_b, "hello from A", "hello from B")
     for client in (ann_on_a, bob_on_b):
-        client.wait_for("message_received", 3, timeout=WAIT)
-        assert received_ids(client) == expected, client.names()
         got = {m["id"]: m for m in client.named("message_received")}
         assert got[expected[0]]["content"] == "hello from A"
         assert got[expected[0]]["user_id"] == "ann"
