@@ -314,8 +314,9 @@ async function main() {
                  connect_errors: connectErrors, connect_s: connectS };
   if (mode !== "idle") result = { ...result, ...(await runLoad()) };
   for (const c of [...clients, ...idleClients]) c.socket.close();
-  console.log(JSON.stringify(result));
-  process.exit(0);
+  // process.exit() right after a write to a pipe cuts the output at 64 KB (the overload
+  // scenario's acknowledged ids are more): exit once the line is flushed
+  process.stdout.write(JSON.stringify(result) + "\n", () => process.exit(0));
 }
 
 main().catch((err) => {
