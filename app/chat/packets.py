@@ -23,6 +23,7 @@ from engineio import payload as eio_payload
 
 from app.overrides import engineio as eio_overrides
 from app.overrides.eventlet import bound_message_size
+from app.overrides.eventlet_websocket import DirectSender, RestOfFrame
 from app.overrides.simple_websocket import limit_reader
 from app.overrides.socketio import (MalformedPacket, StrictPacket, awaits_attachment,
                                     forget_binary_packet, forget_session)
@@ -58,6 +59,10 @@ class _FrameGuard:
         self._logger = logger
         self._session = session
         self._sleep = sleep
+        queue = getattr(session, "queue", None)
+        self._direct = DirectSender.for_websocket(ws) if hasattr(queue, "direct") else None
+        if self._direct is not None:
+            queue.direct = self._direct  # used once the session is upgraded (transport.py)
         if max_message:
             bound_message_size(ws, max_message)
 
@@ -78,6 +83,8 @@ class _FrameGuard:
 
     def send(self, data: Any) -> Any:
         try:
+            if type(data) is RestOfFrame:  # the end of a frame the direct path began
+                return self._direct.send_rest(data)
             return self._ws.send(data)
         finally:
             sent = getattr(getattr(self._session, "queue", None), "sent", None)

@@ -10,7 +10,9 @@ client exhaust a worker. Here:
 - ``OutgoingQueue``: each session's outgoing queue counts its unsent bytes (queued, or taken
   by the websocket writer and not yet sent); past ``MAX_CLIENT_QUEUE`` the session is
   dropped as a slow client (its /chat user is told why on reconnecting, and is replayed what
-  it missed).
+  it missed). On an eventlet websocket with nothing queued, a packet skips the queue and its
+  writer task: it is sent at once if the socket takes it (app/overrides/eventlet_websocket.py,
+  ``DirectSender``), and only what the socket did not take is queued and counted.
 - ``TokenBucket``: incoming packets per session are throttled (back-pressure: the reader
   stops reading, the flooder's TCP buffers fill, nobody else waits).
 - ``read_body``: a long-polling body must arrive within ``CONNECT_TIMEOUT`` seconds.
@@ -29,6 +31,7 @@ from typing import Any, Callable, Iterator
 from app.chat import session as chat_session  # `session` names engine.io sessions here
 from app.chat.rooms import NAMESPACE
 from app.overrides.engineio import end_session, use_queue_class, use_session_table
+from app.overrides.eventlet_websocket import PendingRest
 
 #: Incoming packets one session may send: sustained rate per second, and burst.
 PACKETS_PER_SECOND = 100
@@ -84,11 +87,22 @@ def make_outgoing_queue(queue_class: type, limit: int, on_overflow: Callable) ->
             # limit applies to what comes on top of them
             self.allowance = 0
             self.catching_up = False
+            # the session's DirectSender once its websocket writer runs (None: always queue)
+            self.direct: Any = None
 
         def put(self, item: Any, *args: Any, **kwargs: Any) -> None:
             if item is not None:
                 if self.overflowed:
                     return  # the session is being dropped: nothing more piles up for it
+                direct = self.direct
+                # in order: only when nothing is queued (a queued packet or rest goes first;
+                # one the writer is sending holds the socket's lock, see DirectSender)
+                if direct is not None and self.session.upgraded and not self.qsize():
+                    rest = direct.send_now(item)
+                    if rest is not None:
+                        if not rest:
+                            return
+                        item = PendingRest(rest)
                 size = packet_size(item)
                 if self.catching_up:
                     self.allowance += size
