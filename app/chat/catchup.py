@@ -71,41 +71,74 @@ def stream_started_so_far(connection: Connection, progress: StreamProgress) -> d
             "reply_to": progress.reply_to, "content_so_far": progress.content}
 
 
-def catch_up_filter(connection: Connection, replayed: list[dict],
-                    progress: StreamProgress | None):
-    """Which of the room events held while a client joined it still needs, in order.
+STREAM_EVENTS = frozenset({"message_stream_started", "message_stream_token",
+                           "message_stream_ended"})
+
+
+class CatchUpFilter:
+    """Which of the room events held while a client joined it, or still on their way to it,
+    the client needs, in order.
 
     It already has: messages up to its ``last_message_id`` and those just replayed; the
     streaming reply's first ``progress.tokens`` tokens (sent as ``content_so_far``); replies
     that ended before the replay read them. It cannot use tokens of a stream it never saw
     start.
-    """
-    seen = max([connection.last_message_id or 0] + [int(m["id"]) for m in replayed]) \
-        if connection.last_message_id is not None else -1
-    replayed_ids = {m["id"] for m in replayed}
-    started = {progress.message_id} if progress is not None else set()
 
-    def keep(event: str, data: Any) -> bool:
-        if not isinstance(data, dict):
+    ``events`` is what the filter still has to look at; it shrinks as each part settles, and
+    an empty filter is dropped by the manager (app/chat/delivery.py), so that a connection
+    pays for it only around its join:
+
+    - ``message_received``: a chat's messages reach its room in id order (each is stored and
+      broadcast under the chat's lock, on one channel), so once one newer than what the
+      client has arrives, no older one can follow. A client without ``last_message_id``
+      is replayed nothing and needs no message filter at all.
+    - the stream events: a chat streams one reply at a time, so once the client has seen a
+      stream start, or seen the end of the one it joined in the middle of, every later
+      stream event belongs to a stream it saw start.
+    """
+
+    __slots__ = ("seen", "replayed_ids", "progress", "started", "events")
+
+    def __init__(self, connection: Connection, replayed: list[dict],
+                 progress: StreamProgress | None):
+        self.seen = max([connection.last_message_id or 0] + [int(m["id"]) for m in replayed]) \
+            if connection.last_message_id is not None else -1
+        self.replayed_ids = {m["id"] for m in replayed}
+        self.progress = progress
+        self.started = {progress.message_id} if progress is not None else set()
+        self.events = set(STREAM_EVENTS)
+        if self.seen >= 0:
+            self.events.add("message_received")
+
+    def __call__(self, event: str, data: Any) -> bool:
+        if event not in self.events or not isinstance(data, dict):
             return True
         if event == "message_received":
-            return int(data["id"]) > seen
+            if int(data["id"]) > self.seen:
+                self.events.discard("message_received")
+                return True
+            return False
         message_id = data.get("message_id")
+        progress = self.progress
         if event == "message_stream_started":
-            if message_id in replayed_ids or message_id in started:
+            if message_id in self.replayed_ids or message_id in self.started:
                 return False
-            started.add(message_id)
+            self.events -= STREAM_EVENTS
             return True
-        if event in ("message_stream_token", "message_stream_ended"):
-            if message_id not in started:
-                return False
-            if (event == "message_stream_token" and progress is not None
-                    and message_id == progress.message_id):
-                return data["index"] >= progress.tokens
-            return True
+        if message_id not in self.started:
+            return False
+        if event == "message_stream_token":
+            return (progress is None or message_id != progress.message_id
+                    or data["index"] >= progress.tokens)
+        if progress is not None and message_id == progress.message_id:
+            self.events -= STREAM_EVENTS  # the end of the stream it joined in the middle of
         return True
 
-    return keep
+
+def catch_up_filter(connection: Connection, replayed: list[dict],
+                    progress: StreamProgress | None) -> CatchUpFilter:
+    """The filter for a joining client's held and in-flight room events (CatchUpFilter)."""
+    return CatchUpFilter(connection, replayed, progress)
 
 
 def catch_up(connection: Connection, first: bool):

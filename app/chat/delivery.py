@@ -24,6 +24,9 @@ from app.chat.relay import ChatRelay
 from app.chat.rooms import is_chat_room
 
 Keep = Callable[[str, Any], bool]
+#: What a filter still looks at: a Keep may have ``events`` (a set it empties as it settles);
+#: one without is applied to every event for the connection's whole life.
+ALL_EVENTS = None
 
 #: How long a process remembers the end requests it ran, for the connections that were being
 #: authorised when one arrived (see GateMixin.ended_since).
@@ -35,17 +38,26 @@ def _matches(tags: dict[str, Any], match: dict[str, Any]) -> bool:
 
 
 class GateMixin:
-    """Hold a joining client's room events until ``open_gate``, then keep filtering them.
+    """Hold a joining client's room events until ``open_gate``, then filter them until the
+    filter has settled.
 
     A message stored before the client's replay read it may still be on its way to the room
     (its sender yields to the event loop between commit and broadcast, or it comes through
-    Redis), so the filter that ``open_gate`` installs stays on for the connection's lifetime.
+    Redis), so the filter that ``open_gate`` installs stays on until it says (by emptying its
+    ``events``) that nothing it would drop can come any more (app/chat/catchup.py). Gates
+    and filters are indexed by room and event, so a broadcast looks only at the connections
+    that are joining or still filtering that event, not at every client of the room.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._gates: dict[str, list[tuple[str, Any]]] = {}
         self._filters: dict[str, Keep] = {}
+        # room -> the sids gated in it; room -> event (or ALL_EVENTS) -> the sids filtering
+        # it; sid -> its room, for both
+        self._gated: dict[str, set[str]] = {}
+        self._watching: dict[str, dict[str | None, set[str]]] = {}
+        self._room_of: dict[str, str] = {}
         # Clients that are not Socket.IO sessions (the plain WebSocket endpoint): room ->
         # {id: (deliver(event, data), close())}. They get the same events, gated the same way.
         self._listeners: dict[str, dict[str, tuple[Callable[[str, Any], None],
@@ -78,32 +90,82 @@ class GateMixin:
                 continue
             if listener_id in self._gates:
                 self._gates[listener_id].append((event, data))
-            elif listener_id not in self._filters or self._filters[listener_id](event, data):
+            elif listener_id not in self._filters or self._apply_filter(listener_id, event,
+                                                                         data):
                 deliver(event, data)
 
-    def gate(self, sid: str) -> None:
-        """Start holding room events for ``sid`` (events sent to the sid itself pass)."""
+    def gate(self, sid: str, room: str) -> None:
+        """Start holding the events of ``room`` for ``sid`` (events sent to the sid itself
+        pass)."""
         self._gates[sid] = []
+        self._room_of[sid] = room
+        self._gated.setdefault(room, set()).add(sid)
 
     def open_gate(self, sid: str, namespace: str, keep: Keep) -> None:
         """Deliver what was held for ``sid``, in order, where ``keep(event, data)`` is true,
-        and apply ``keep`` to the sid's room events from now on."""
+        and apply ``keep`` to the sid's room events from now on, until it has settled."""
         held = self._gates.pop(sid, None) or ()
-        self._filters[sid] = keep
+        room = self._room_of.get(sid)
+        self._forget(self._gated, room, sid)
         listener = next((entry for listeners in self._listeners.values()
                          for listener_id, entry in listeners.items() if listener_id == sid),
                         None)
+        if room is not None:
+            self._filters[sid] = keep
+            watching = self._watching.setdefault(room, {})
+            for event in getattr(keep, "events", (ALL_EVENTS,)):
+                watching.setdefault(event, set()).add(sid)
         for event, data in held:
             if keep(event, data):
                 if listener is not None:
                     listener[0](event, data)
                 else:
                     Manager.emit(self, event, data, namespace, to=sid)
+        if room is not None:
+            self._settle(sid, keep)
+
+    def _apply_filter(self, sid: str, event: str, data: Any) -> bool:
+        keep = self._filters[sid]
+        kept = keep(event, data)
+        self._settle(sid, keep)
+        return kept
+
+    def _settle(self, sid: str, keep: Keep) -> None:
+        """Stop looking at the events ``keep`` no longer filters; drop it when none is left."""
+        events = getattr(keep, "events", None)
+        if events is None:
+            return
+        room = self._room_of.get(sid)
+        watching = self._watching.get(room, {})
+        for event in [event for event, sids in watching.items()
+                      if sid in sids and event not in events]:
+            self._forget(watching, event, sid)
+        if not watching:
+            self._watching.pop(room, None)
+        if not events:
+            self._filters.pop(sid, None)
+
+    @staticmethod
+    def _forget(index: dict, key: Any, sid: str) -> None:
+        sids = index.get(key)
+        if sids is not None:
+            sids.discard(sid)
+            if not sids:
+                del index[key]
 
     def drop_gate(self, sid: str) -> None:
         """Forget a connection that has ended: its gate, its filter and its session."""
         self._gates.pop(sid, None)
         self._filters.pop(sid, None)
+        room = self._room_of.pop(sid, None)
+        if room is not None:
+            self._forget(self._gated, room, sid)
+            watching = self._watching.get(room)
+            if watching is not None:
+                for event in list(watching):
+                    self._forget(watching, event, sid)
+                if not watching:
+                    del self._watching[room]
         self._sessions.pop(sid, None)
         self._ending.pop(sid, None)
 
@@ -171,17 +233,22 @@ class GateMixin:
         if (isinstance(target, str) and target in self._listeners and not callback):
             skip = list(skip_sid) if isinstance(skip_sid, (list, tuple, set)) else [skip_sid]
             self._deliver_to_listeners(event, data, target, skip)
-        if ((self._gates or self._filters) and isinstance(target, str) and not callback
-                and target not in self._gates and target not in self._filters):
+        gated = self._gated.get(target) if isinstance(target, str) else None
+        watching = self._watching.get(target) if isinstance(target, str) else None
+        if (gated or watching) and not callback:
             skip = list(skip_sid) if isinstance(skip_sid, (list, tuple, set)) else [skip_sid]
+            members = self.rooms.get(namespace, {}).get(target) or {}
             extra = []
-            for sid, _ in self.get_participants(namespace, target):
-                if sid in skip:
-                    continue
-                if sid in self._gates:
+            for sid in list(gated or ()):
+                if sid in members and sid not in skip:
                     self._gates[sid].append((event, data))
                     extra.append(sid)
-                elif sid in self._filters and not self._filters[sid](event, data):
+            filtering = set()
+            if watching:
+                filtering = watching.get(event, set()) | watching.get(ALL_EVENTS, set())
+            for sid in filtering:
+                if (sid in members and sid not in skip and sid in self._filters
+                        and not self._apply_filter(sid, event, data)):
                     extra.append(sid)
             if extra:
                 skip_sid = skip + extra

@@ -119,7 +119,7 @@ def join(connection: Connection, first: bool, transport: str, *,
                                        app=current_app._get_current_object(),
                                        state=shared_state())
     try:
-        manager.gate(sid)
+        manager.gate(sid, chat_room(connection.chat_id))
         revocation.track(connection)
         session.unsubscribe = subscribe(chat_room(connection.chat_id))
         events, keep = catch_up(connection, first)
