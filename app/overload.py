@@ -1,18 +1,27 @@
-"""Overload: refuse new work at once while the event loop lags, instead of answering late.
+"""Overload: refuse new work at once while the process falls behind, instead of answering late.
 
 CONTRACT.md section 9: when the process cannot keep up, new messages (and REST requests) are
 refused with ``server_busy`` and ``retry_after``, so that what it does accept is acknowledged
-within 2 s. The signal is the event loop's own lag: a task that sleeps ``INTERVAL`` and notes
-how much later than that it woke. Everything ready to run in the process ran in between, so a
-lag of a second means a second of queued work ahead of any new message. Past ``limit`` the
-process refuses for ``hold`` seconds, then accepts again unless the loop still lags; refusing
-costs next to nothing, which is what lets the backlog drain.
+within 2 s. Two signals, either of which starts refusing for ``hold`` seconds (then the
+process accepts again unless it still lags); refusing costs next to nothing, which is what
+lets the backlog drain:
+
+- the event loop's own lag: a task that sleeps ``INTERVAL`` and notes how much later than
+  that it woke. Everything ready to run in the process ran in between, so a lag of a second
+  means a second of queued work ahead of any new message (one handler that holds the loop).
+- how long accepted messages take, from the check to the ack (their *sojourn*). Work that
+  waits on the network (PostgreSQL, Redis) yields at every round trip, so the loop turns fast
+  while every message waits a whole round of all the others at each of its round trips: the
+  lag stays low and acks still come seconds late (bench/RESULTS.md, PostgreSQL + Redis). When
+  even the quickest message of a whole ``INTERVAL`` took longer than ``sojourn_limit``, there
+  is a standing queue, not a burst (the CoDel rule: its minimum, not its mean).
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from flask import current_app
 
@@ -27,11 +36,15 @@ class LoopMonitor:
 
     def __init__(self, sleep: Callable[[float], Any], limit: float, hold: float,
                  clock: Callable[[], float] = time.monotonic,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 sojourn_limit: float | None = None) -> None:
         self.sleep = sleep
         self.limit = limit
         self.hold = hold
         self.clock = clock
+        self.sojourn_limit = sojourn_limit
+        #: the quickest message of the current INTERVAL (None: none finished in it)
+        self.quickest: float | None = None
         self.refusing_until = 0.0
         self.last_lag = 0.0
         #: When the monitor is next due to wake (None until it runs).
@@ -42,10 +55,25 @@ class LoopMonitor:
         """One measurement: past ``limit``, refuse for ``hold`` seconds from now."""
         self.last_lag = lag
         if lag > self.limit:
-            if self.refusing_until <= self.clock():  # not refusing yet: say why from now
-                self.logger.warning("overloaded: the event loop lagged %.2f s; refusing new "
-                                    "messages and requests with server_busy", lag)
-            self.refusing_until = self.clock() + self.hold
+            self._refuse("the event loop lagged %.2f s", lag)
+
+    def note_sojourn(self, seconds: float) -> None:
+        """An accepted message took ``seconds`` from its check to its ack."""
+        if self.quickest is None or seconds < self.quickest:
+            self.quickest = seconds
+
+    def end_interval(self) -> None:
+        """The INTERVAL is over: refuse if even its quickest message was too slow."""
+        quickest, self.quickest = self.quickest, None
+        if (self.sojourn_limit is not None and quickest is not None
+                and quickest > self.sojourn_limit):
+            self._refuse("every message took at least %.2f s", quickest)
+
+    def _refuse(self, why: str, seconds: float) -> None:
+        if self.refusing_until <= self.clock():  # not refusing yet: say why from now
+            self.logger.warning("overloaded: " + why + "; refusing new messages and requests "
+                                "with server_busy", seconds)
+        self.refusing_until = self.clock() + self.hold
 
     def run(self) -> None:
         """The monitor's loop (a background task of its own)."""
@@ -53,6 +81,7 @@ class LoopMonitor:
             self.due = self.clock() + INTERVAL
             self.sleep(INTERVAL)
             self.note(self.clock() - self.due)
+            self.end_interval()
 
     def retry_after(self) -> float | None:
         """Seconds until new work is accepted again; None when it is accepted now.
@@ -83,7 +112,8 @@ def _monitor() -> LoopMonitor | None:
         config = current_app.config
         entry["monitor"] = LoopMonitor(socketio.sleep, config["OVERLOAD_LAG_SECONDS"],
                                        config["OVERLOAD_HOLD_SECONDS"],
-                                       logger=current_app.logger)
+                                       logger=current_app.logger,
+                                       sojourn_limit=config["OVERLOAD_SOJOURN_SECONDS"])
         socketio.start_background_task(entry["monitor"].run)
     return entry["monitor"]
 
@@ -95,3 +125,19 @@ def refuse_when_overloaded() -> None:
     if retry_after is not None:
         raise ApiError("server_busy", "The server is overloaded; retry shortly.",
                        {"retry_after": retry_after})
+
+
+@contextmanager
+def accepted_work() -> Iterator[None]:
+    """Refuse with ``server_busy`` while overloaded; otherwise time the work inside (an
+    accepted message, from its checks to its ack) for the monitor's sojourn signal."""
+    refuse_when_overloaded()
+    monitor = _monitor()
+    if monitor is None:
+        yield
+        return
+    started = monitor.clock()
+    try:
+        yield
+    finally:
+        monitor.note_sojourn(monitor.clock() - started)

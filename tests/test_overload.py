@@ -2,18 +2,22 @@
 are refused at once with ``server_busy`` and ``retry_after``; afterwards the same message goes
 through, and nothing already accepted is lost.
 
-The end-to-end test overloads a real server with a python agent that holds its event loop for
-two seconds (``tests.agents:hog``); a message and a REST request sent meanwhile are answered
-when the loop is free again, and by then the process knows it fell behind.
+The end-to-end tests overload a real server two ways. A python agent holds its event loop
+for two seconds (``tests.agents:hog``); a message and a REST request sent meanwhile are
+answered when the loop is free again, and by then the process knows it fell behind. On
+PostgreSQL, a message waits (yielding to the loop, which stays prompt) for a row the test
+holds: once it is acknowledged, seconds late, the process refuses new work for a while.
 """
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import requests
 
 from app.overload import INTERVAL, LoopMonitor
+from tests.kit.pg import ChatRowLock
 from tests.kit.rest import new_tenant
 from tests.kit.servers import start_server, stop_server
 from tests.kit.sio import connect
@@ -60,6 +64,30 @@ def test_the_monitor_measures_how_late_the_loop_woke_it():
         monitor.run()
     assert monitor.last_lag == pytest.approx(2.5)
     assert monitor.retry_after() == pytest.approx(1.0)
+
+
+def test_a_standing_queue_refuses_when_even_the_quickest_message_was_slow():
+    clock = FakeClock()
+    monitor = LoopMonitor(sleep=None, limit=1.0, hold=1.0, clock=clock, sojourn_limit=0.5)
+    for seconds in (0.9, 0.3, 2.0):  # one quick message: a burst, not a standing queue
+        monitor.note_sojourn(seconds)
+    monitor.end_interval()
+    assert monitor.retry_after() is None
+    monitor.end_interval()  # an interval in which no message finished says nothing
+    assert monitor.retry_after() is None
+    for seconds in (0.7, 0.6, 1.2):
+        monitor.note_sojourn(seconds)
+    monitor.end_interval()
+    assert monitor.retry_after() == pytest.approx(1.0)
+    clock.now += 1.0
+    assert monitor.retry_after() is None
+
+
+def test_without_a_sojourn_limit_only_the_lag_counts():
+    monitor = LoopMonitor(sleep=None, limit=1.0, hold=1.0, clock=FakeClock())
+    monitor.note_sojourn(30.0)
+    monitor.end_interval()
+    assert monitor.retry_after() is None
 
 
 def answers_within(url: str, seconds: float) -> bool:
@@ -126,6 +154,63 @@ def test_an_overloaded_server_refuses_with_server_busy_then_serves_the_same_mess
         ended = ann.wait_for("message_stream_ended", timeout=20)[0]
         assert ended["finish_reason"] == "stop"
         assert tenant.history(hog_chat)[-1]["content"] == "holding done"
+    finally:
+        ann.disconnect()
+        bob.disconnect()
+
+
+@pytest.fixture(scope="module")
+def pg_server(tmp_path_factory, pg_database_factory):
+    database_url = pg_database_factory()
+    live = start_server(tmp_path_factory.mktemp("overload-pg"), ASYNC_MODE="eventlet",
+                        DATABASE_URL=database_url)
+    live.database_url = database_url
+    yield live
+    stop_server(live.process)
+
+
+def rest_refused(server, tenant, chat_id: str) -> bool:
+    response = requests.get(f"{server.url}/api/v1/chats/{chat_id}", headers=tenant.headers,
+                            timeout=10)
+    return response.status_code == 503 and response.json()["error"]["code"] == "server_busy"
+
+
+def test_messages_that_wait_on_the_database_make_the_server_refuse_then_serve_again(
+        pg_server):
+    tenant = new_tenant(pg_server.url)
+    held_chat, other_chat = tenant.chat("ann"), tenant.chat("bob")
+    ann = connect(pg_server.url, tenant.key_auth(held_chat, "ann"))
+    bob = connect(pg_server.url, tenant.key_auth(other_chat, "bob"))
+    answers: dict[str, dict] = {}
+    try:
+        with ChatRowLock(pg_server.database_url, held_chat) as lock:
+            sender = threading.Thread(target=lambda: answers.setdefault(
+                "ann", ann.send("waits for the row", ann.message_string)))
+            started = time.monotonic()
+            sender.start()
+            wait_until(lambda: lock.waiters() >= 1, 20, "the server's insert to wait",
+                       interval=0.02)  # PostgreSQL's view of locks: no event to wait on
+            # the loop stays prompt meanwhile: the lag signal alone would not see this
+            assert answers_within(pg_server.url + "/healthz", 2)
+            # the row is held long enough that the message's sojourn passes the limit
+            time.sleep(max(0.0, started + 1.0 - time.monotonic()))
+        sender.join(20)
+        assert answers["ann"]["ok"] is True, answers  # accepted, so acknowledged and stored
+
+        wait_until(lambda: rest_refused(pg_server, tenant, other_chat), 5,
+                   "the server to refuse new work", interval=0.02)
+        message = {"content": "sent while refusing", "message_string": bob.message_string}
+        refused = bob.call("message", message)
+        assert refused["ok"] is False and refused["error"]["code"] == "server_busy", refused
+        retry_after = refused["error"]["details"]["retry_after"]
+        assert 0 < retry_after <= 1.0
+
+        accepted = wait_until(lambda: (lambda a: a if a["ok"] else None)(
+            bob.call("message", message)), 10, "the message to be accepted",
+            interval=retry_after)
+        assert accepted["ok"] is True, accepted
+        assert [m["content"] for m in tenant.history(held_chat)] == ["waits for the row"]
+        assert [m["content"] for m in tenant.history(other_chat)] == ["sent while refusing"]
     finally:
         ann.disconnect()
         bob.disconnect()

@@ -20,12 +20,12 @@ import sys
 import warnings
 from importlib import metadata
 
-import psycopg2
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from tests.conftest import base_config
 from tests.kit.eio import NAMESPACE, RawSocketIO
+from tests.kit.pg import ChatRowLock
 from tests.kit.rest import new_tenant
 from tests.kit.servers import ROOT, server_env, start_server, stop_server
 from tests.kit.wait import wait_until
@@ -189,43 +189,13 @@ def _joined(server, tenant, chat_id: str, user: str = "ann") -> tuple[RawSocketI
     return client, established[0]["message_string"]
 
 
-class _ChatRowLock:
-    """Holds ``FOR UPDATE`` on one chat's row: inserting a message into that chat waits for
-    it (the foreign key check takes ``FOR KEY SHARE``); other chats are not touched."""
-
-    def __init__(self, database_url: str, chat_id: str):
-        self.conn = psycopg2.connect(database_url)
-        self.chat_id = chat_id
-
-    def __enter__(self):
-        with self.conn.cursor() as cur:
-            cur.execute("SELECT id FROM chats WHERE id = %s FOR UPDATE", (self.chat_id,))
-            assert cur.fetchone() is not None
-        return self
-
-    def waiters(self) -> int:
-        """How many other sessions wait for a lock (our server's handler, once it waits)."""
-        with psycopg2.connect(self.conn.dsn) as probe, probe.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND datname = current_database()")
-            return cur.fetchone()[0]
-
-    def release(self) -> None:
-        if not self.conn.closed:
-            self.conn.rollback()
-            self.conn.close()
-
-    def __exit__(self, *exc):
-        self.release()
-
-
 def test_a_waiting_handler_holds_up_its_own_connection_only(pg_server):
     tenant = new_tenant(pg_server.url)
     chat_a, chat_b = tenant.chat("ann"), tenant.chat("bob")
     a, a_string = _joined(pg_server, tenant, chat_a, "ann")
     b, b_string = _joined(pg_server, tenant, chat_b, "bob")
     try:
-        with _ChatRowLock(pg_server.database_url, chat_a) as lock:
+        with ChatRowLock(pg_server.database_url, chat_a) as lock:
             slow = a.emit("message", {"content": "waits for the lock",
                                       "message_string": a_string})
             wait_until(lambda: lock.waiters() >= 1, 20, "the server's insert to wait",

@@ -336,6 +336,15 @@ class ChatRedisManager(RedisRelayManager, ChatManager):
     def emit(self, event, data, namespace=None, room=None, skip_sid=None, callback=None,
              to=None, **kwargs):
         target = to or room
+        if (callback is None and not kwargs.get("ignore_queue") and isinstance(target, str)
+                and not is_chat_room(target) and (self.is_connected(target, namespace)
+                                                  or self.is_pre_connected(target, namespace))):
+            # An event for one client of this process (catch-up, an error): python-socketio
+            # would also publish it for every process to decode and drop, a Redis round trip
+            # per refusal under load (bench/RESULTS.md, PostgreSQL + Redis).
+            kwargs["ignore_queue"] = True
+            return super().emit(event, data, namespace=namespace, room=target,
+                                skip_sid=skip_sid, **kwargs)
         if (kwargs.get("ignore_queue") or callback is not None or not isinstance(target, str)
                 or not is_chat_room(target)):
             return super().emit(event, data, namespace=namespace, room=target,

@@ -20,7 +20,7 @@ from app.chat.serialize import message_object, message_payload
 from app.errors import ApiError
 from app.extensions import db, socketio
 from app.models import Chat, Message, Workspace, utcnow
-from app.overload import refuse_when_overloaded
+from app.overload import accepted_work
 from app.text import TEXT_ERROR, is_text
 from app.tokens import claims_or_refuse, issue_message_string, to_iso
 
@@ -80,15 +80,19 @@ def _spend_message_string(connection: Connection, token: Any) -> None:
                        "with get_message_string.")
     claims = claims_or_refuse("message_string", token)
     state = shared_state()
-    if state.is_spent(claims["j"]):
-        raise ApiError("message_string_reused", "This message string has already been used.")
+    reused = ApiError("message_string_reused", "This message string has already been used.")
     if (claims["t"], claims["u"], claims["c"], claims["s"]) != (
             connection.tenant_id, connection.user_id, connection.chat_id, connection.sid):
+        # another connection's: not spent here (that would burn it for its owner), and
+        # "used" comes before "not yours" in the contract's order
+        if state.is_spent(claims["j"]):
+            raise reused
         raise ApiError("invalid_message_string",
                        "This message string was issued to another connection.")
-    # Remember it a little longer than it lives, so it can never be used twice.
+    # Spent with one round trip (SET NX with Redis), remembered a little longer than it
+    # lives, so that it can never be used twice.
     if not state.spend(claims["j"], max(1.0, claims["exp"] - time.time()) + 5):
-        raise ApiError("message_string_reused", "This message string has already been used.")
+        raise reused
 
 
 def _existing_message(chat_id: str, client_message_id: str) -> Message | None:
@@ -111,9 +115,14 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
     rate, and stores nothing (one query per message instead of three; bench/RESULTS.md).
 
     Before all of them, an overloaded process refuses with ``server_busy`` (app/overload.py):
-    nothing is checked, spent or stored, so the same message may be sent again as it is.
+    nothing is checked, spent or stored, so the same message may be sent again as it is. The
+    time an accepted message takes is what tells the process it is falling behind.
     """
-    refuse_when_overloaded()
+    with accepted_work():
+        return _post_message(connection, payload)
+
+
+def _post_message(connection: Connection, payload: Any) -> dict[str, Any]:
     content, client_message_id = _validate_message(payload)
     if payload.get("chat_id") is not None and payload["chat_id"] != connection.chat_id:
         raise ApiError("chat_mismatch", "This connection is joined to another chat.",
@@ -126,21 +135,25 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
         if retry_after is not None:
             raise ApiError("rate_limited", "Too many messages; slow down.",
                            {"retry_after": retry_after})
-        # The chat's lock is taken before the first query, so no database connection is held
-        # while waiting for it (under load a pool of 15 connections ran dry that way).
-        with shared_state().chat_lock(connection.chat_id), db.engine.connect() as conn:
-            agent = _workspace_agent(conn, connection.workspace_id)
-            if client_message_id is not None and agent_for(agent) is not None:
-                # a retry must not hold the chat busy, not even for a moment
-                original = _existing_message(connection.chat_id, client_message_id)
-                if original is not None:
-                    rate.undo(connection.sid)
-                    return _ack(connection, original)
-            reply_owner = _claim_chat(connection.chat_id, agent)
+        agent = _workspace_agent(connection.workspace_id)
+        if client_message_id is not None and agent_for(agent) is not None:
+            # a retry must not hold the chat busy, not even for a moment
+            original = _existing_message(connection.chat_id, client_message_id)
+            if original is not None:
+                rate.undo(connection.sid)
+                return _ack(connection, original)
+        reply_owner = _claim_chat(connection.chat_id, agent)  # atomic by itself
+        # The chat's lock orders its messages: stored, then broadcast, one at a time, so that
+        # every client sees them in id order. Each round trip inside it is paid by every
+        # message of the chat in turn, so inside are only the lock itself, one INSERT that
+        # commits itself (one round trip on PostgreSQL) and the broadcast; a database
+        # connection is held for the INSERT only (with 100 chats sending at once a pool of 20
+        # ran dry when it was held across Redis round trips: bench/RESULTS.md).
+        with shared_state().chat_lock(connection.chat_id):
             try:
-                data = _store_message(conn, connection, content, client_message_id)
+                with db.engine.connect() as conn:
+                    data = _store_message(conn, connection, content, client_message_id)
             except IntegrityError:
-                conn.rollback()
                 original = (_existing_message(connection.chat_id, client_message_id)
                             if client_message_id is not None else None)
                 if original is None:
@@ -184,20 +197,22 @@ _SELECT_AGENT = select(Workspace.__table__.c.agent).where(
 
 def _store_message(conn: SAConnection, connection: Connection, content: str,
                    client_message_id: str | None) -> dict[str, Any]:
-    """Insert and commit a user's message; returns it as the contract's message object."""
+    """Insert a user's message in a statement that commits itself; returns it as the
+    contract's message object."""
     created_at = utcnow()
+    conn = conn.execution_options(isolation_level="AUTOCOMMIT")
     result = conn.execute(_INSERT_MESSAGE, {
         "chat_id": connection.chat_id, "role": "user", "user_id": connection.user_pk,
         "content": content, "client_message_id": client_message_id, "reply_to": None,
         "finish_reason": None, "created_at": created_at})
     message_id = result.inserted_primary_key[0]
-    conn.commit()
     return message_object(message_id, connection.chat_id, "user", connection.user_id, content,
                           client_message_id, None, created_at)
 
 
-def _workspace_agent(conn: SAConnection, workspace_id: str) -> dict[str, Any]:
-    agent = conn.execute(_SELECT_AGENT, {"workspace_id": workspace_id}).scalar_one_or_none()
+def _workspace_agent(workspace_id: str) -> dict[str, Any]:
+    with db.engine.connect() as conn:
+        agent = conn.execute(_SELECT_AGENT, {"workspace_id": workspace_id}).scalar_one_or_none()
     return dict(agent or {"kind": "none"})
 
 
