@@ -6,7 +6,8 @@ forgets that copy on every process, so the next message uses the new agent: ``re
 flips and the echo reply appears, or stops. First on one process (SQLite), then on two
 processes sharing PostgreSQL and Redis, with the client on process A and the PATCH on process
 B. Last, the cache itself: its entries expire (the backstop for a lost forget request), a
-forget wins over a read under way, and an entry is served to its workspace's tenant only.
+forget wins over a read under way, an entry is served to its workspace's tenant only, and
+while the process hears no other one (Redis away) nothing is kept.
 
 A kept copy lives MAX_AGE_SECONDS (5 s): a flip seen after that could be its expiry rather
 than the forget request. So each flip measures, from the outside, how long the old copy could
@@ -21,7 +22,7 @@ import time
 import pytest
 import requests
 
-from app.chat.agent_config import MAX_AGE_SECONDS, AgentConfigs
+from app.chat.agent_config import MAX_AGE_SECONDS, AgentConfigs, configs, workspace_agent
 from tests.kit.rest import Tenant, new_tenant
 from tests.kit.servers import two_servers
 from tests.kit.sio import ChatClient
@@ -220,3 +221,40 @@ def test_clear_drops_every_entry_and_expired_entries_do_not_pile_up():
     assert len(configs) == 1 and configs.get("t1", "fresh") == ECHO
     configs.clear()
     assert len(configs) == 0
+
+
+def test_while_the_process_hears_no_other_process_it_keeps_nothing_and_reads_the_database(
+        app, monkeypatch):
+    """Redis away (the manager's listener not subscribed): a change published by another
+    process would not arrive, so every message reads the database, and what was kept goes."""
+    import sqlalchemy
+
+    from app.auth import create_tenant
+    from app.extensions import db, socketio
+    from app.models import Workspace
+    from app.workspaces.service import create_workspace
+
+    def write_by_hand(agent: dict) -> None:  # as an operator's SQL would: no forget request
+        with db.engine.begin() as conn:
+            conn.execute(sqlalchemy.update(Workspace.__table__)
+                         .where(Workspace.__table__.c.id == workspace.id).values(agent=agent))
+
+    with app.app_context():
+        tenant, _ = create_tenant("Cached")
+        workspace = create_workspace(tenant, "ann", "Team", ECHO)
+        with db.engine.connect() as conn:
+            assert workspace_agent(conn, tenant.id, workspace.id) == ECHO
+            write_by_hand(NONE)
+            # kept (the next call comes well within MAX_AGE_SECONDS)
+            assert workspace_agent(conn, tenant.id, workspace.id) == ECHO
+            # never served to another tenant, kept or not
+            assert workspace_agent(conn, "another-tenant", workspace.id) == NONE
+
+            monkeypatch.setattr(socketio.server.manager, "listening", False, raising=False)
+            assert workspace_agent(conn, tenant.id, workspace.id) == NONE
+            assert len(configs) == 0
+            write_by_hand(ECHO)
+            assert workspace_agent(conn, tenant.id, workspace.id) == ECHO
+            write_by_hand(NONE)
+            assert workspace_agent(conn, tenant.id, workspace.id) == NONE
+            assert len(configs) == 0
