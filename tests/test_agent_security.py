@@ -196,7 +196,12 @@ def test_a_stored_callable_no_longer_listed_ends_its_reply_with_error_and_is_not
         assert ended["finish_reason"] == "error" and ended["content"] == ""
         assert error is not None and "PYTHON_AGENTS" in error["message"], error
         assert not marker("tests.agent_marker", rt_server).exists()
-        set_stored_agent(rt_server, ws, {"kind": "python", "callable": "tests.agents:scripted"})
+        # the tenant picks a listed one (through the API: the running server keeps a copy of
+        # the configuration and forgets it on such a change; app/chat/agent_config.py)
+        r = requests.patch(f"{rt_server.url}/api/v1/workspaces/{ws}", headers=tenant.headers,
+                           json={"agent": {"kind": "python", "callable": "tests.agents:scripted"}},
+                           timeout=10)
+        assert r.status_code == 200, r.text
         ended, error = ask(client, "tokens 2")
         assert (ended["finish_reason"], ended["content"], error) == ("stop", "t0 t1 ", None)
     finally:

@@ -20,6 +20,7 @@ from socketio import Manager
 
 from app.overrides.socketio import RedisRelayManager
 
+from app.chat import agent_config
 from app.chat.relay import ChatRelay
 from app.chat.rooms import is_chat_room
 
@@ -371,6 +372,14 @@ class ChatRedisManager(RedisRelayManager, ChatManager):
         if not self.relay(message):
             self._end_local_sessions(match, error)
 
+    def forget_agent(self, workspace_id: str) -> None:
+        """Drop the workspace's agent configuration that every process keeps (each process
+        drops its own; app/chat/agent_config.py)."""
+        # an "emit" recognised by its "forget_agent" key in on_emit, as end_sessions; if Redis
+        # is away the others keep theirs until it expires (agent_config.MAX_AGE_SECONDS)
+        self.relay({"method": "emit", "forget_agent": workspace_id,
+                    "host_id": self.RELAY_HOST})
+
     def relay(self, message: dict) -> bool:
         """Publish for every process, a chat's events on the chat's channel; False when this
         process will not hear it back (Redis away, or its subscription not confirmed yet), so
@@ -396,6 +405,9 @@ class ChatRedisManager(RedisRelayManager, ChatManager):
     def on_emit(self, message: dict) -> None:
         if message.get("end_sessions"):
             self._end_local_sessions(message["match"], message["error"])
+            return
+        if "forget_agent" in message:
+            agent_config.configs.forget(message["forget_agent"])
             return
         self.deliver_emit(message)
 

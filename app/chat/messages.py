@@ -8,18 +8,19 @@ from typing import Any
 
 from flask import current_app
 from sqlalchemy import Connection as SAConnection
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
 from app.agents import agent_for
 from app.agents.runner import ReplyJob, start_reply
 from app.chat import limits
+from app.chat.agent_config import workspace_agent
 from app.chat.connections import Connection, shared_state
 from app.chat.rooms import NAMESPACE, chat_room
 from app.chat.serialize import message_object, message_payload
 from app.errors import ApiError
 from app.extensions import db, socketio
-from app.models import Chat, Message, Workspace, utcnow
+from app.models import Chat, Message, utcnow
 from app.overload import accepted_work
 from app.text import TEXT_ERROR, is_text
 from app.tokens import claims_or_refuse, issue_message_string, to_iso
@@ -135,7 +136,8 @@ def _post_message(connection: Connection, payload: Any) -> dict[str, Any]:
         if retry_after is not None:
             raise ApiError("rate_limited", "Too many messages; slow down.",
                            {"retry_after": retry_after})
-        agent = _workspace_agent(connection.workspace_id)
+        # kept in the process, forgotten when it changes (app/chat/agent_config.py)
+        agent = workspace_agent(connection.tenant_id, connection.workspace_id)
         if client_message_id is not None and agent_for(agent) is not None:
             # a retry must not hold the chat busy, not even for a moment
             original = _existing_message(connection.chat_id, client_message_id)
@@ -191,8 +193,6 @@ def _post_message(connection: Connection, payload: Any) -> dict[str, Any]:
 # message (made for each Socket.IO event), its unit of work and SQLAlchemy building a new
 # statement's cache key each time cost more than the queries themselves (bench/RESULTS.md).
 _INSERT_MESSAGE = insert(Message.__table__)
-_SELECT_AGENT = select(Workspace.__table__.c.agent).where(
-    Workspace.__table__.c.id == bindparam("workspace_id"))
 
 
 def _store_message(conn: SAConnection, connection: Connection, content: str,
@@ -208,12 +208,6 @@ def _store_message(conn: SAConnection, connection: Connection, content: str,
     message_id = result.inserted_primary_key[0]
     return message_object(message_id, connection.chat_id, "user", connection.user_id, content,
                           client_message_id, None, created_at)
-
-
-def _workspace_agent(workspace_id: str) -> dict[str, Any]:
-    with db.engine.connect() as conn:
-        agent = conn.execute(_SELECT_AGENT, {"workspace_id": workspace_id}).scalar_one_or_none()
-    return dict(agent or {"kind": "none"})
 
 
 def _claim_chat(chat_id: str, agent: dict[str, Any]) -> str | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from flask import current_app
 
 from app.auth import create_api_key, tenant_for_api_key
+from app.chat import agent_config
 from app.extensions import db
 from app.models import Tenant, Workspace
 from app.users import get_or_create_user
@@ -50,6 +51,7 @@ def ensure_demo() -> Demo:
     owner = get_or_create_user(tenant.id, DEMO_OWNER_ID)
     workspace = db.session.execute(db.select(Workspace).where(
         Workspace.owner_id == owner.id, Workspace.name == DEMO_WORKSPACE_NAME)).scalars().first()
+    changed = workspace is not None and workspace.agent != DEMO_AGENT
     if workspace is None:
         workspace = Workspace(tenant_id=tenant.id, owner=owner, name=DEMO_WORKSPACE_NAME,
                               agent=dict(DEMO_AGENT))
@@ -57,4 +59,6 @@ def ensure_demo() -> Demo:
     else:
         workspace.agent = dict(DEMO_AGENT)
     db.session.commit()
+    if changed:  # someone had changed its agent: the running servers keep a copy
+        agent_config.forget(workspace.id)
     return Demo(tenant.id, workspace.id, DEMO_OWNER_ID, key)

@@ -7,7 +7,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 
 from app.agents.secrets import SECRET_FIELDS, has_plaintext, seal_agent
-from app.chat import revocation
+from app.chat import agent_config, revocation
 from app.errors import ApiError
 from app.extensions import db
 from app.models import Chat, Tenant, User, Workspace, WorkspaceMember, may_be_id
@@ -81,21 +81,28 @@ def update_workspace(workspace: Workspace, changes: dict[str, Any]) -> Workspace
     """Rename a workspace and/or replace its agent configuration."""
     if "name" in changes:
         workspace.name = changes["name"]
+    agent_changed = True
     if "agent" in changes and changes["agent"] is not None:
         workspace.agent = merge_agent(workspace.agent, changes["agent"])
     elif has_plaintext(workspace.agent):
         workspace.agent = seal_agent(workspace.agent)  # a secret stored before encryption
+    else:
+        agent_changed = False
     db.session.commit()
+    if agent_changed:  # every process's copy, now that the change is committed
+        agent_config.forget(workspace.id)
     return workspace
 
 
 def delete_workspace(workspace: Workspace) -> None:
     """Delete a workspace with its chats and their messages; the chats' connected clients get
     ``chat_deleted`` and are disconnected."""
+    workspace_id = workspace.id
     chat_ids = db.session.execute(
-        select(Chat.id).where(Chat.workspace_id == workspace.id)).scalars().all()
+        select(Chat.id).where(Chat.workspace_id == workspace_id)).scalars().all()
     db.session.delete(workspace)
     db.session.commit()
+    agent_config.forget(workspace_id)
     revocation.close_chats(chat_ids)
 
 
