@@ -1,4 +1,5 @@
 """The shared runtime state: one behaviour, in memory and on a real Redis."""
+import time
 import uuid
 
 import pytest
@@ -140,6 +141,44 @@ def test_a_string_spent_while_redis_was_away_stays_spent_when_it_returns():
     assert resilient.spend("spent-offline", 60) is False
     assert resilient.is_spent("spent-offline")
     assert resilient.spend("fresh", 60) is True and resilient.spend("fresh", 60) is False
+
+
+def _redis_state(prefix: str):
+    import redis
+
+    from app.state.redis import RedisState
+
+    state = RedisState(REDIS_TEST_URL, prefix=prefix)
+    try:
+        state.redis.ping()
+    except redis.RedisError as exc:
+        service_missing("Redis", exc)
+    return state
+
+
+def test_a_chat_lock_left_behind_by_this_process_does_not_hold_up_its_next_message():
+    """A task whose release was lost (its reply timed out under load) leaves the chat's
+    key set: the process's next task takes the lock at once instead of waiting for it to
+    expire, while another process still waits (the lock is the process's)."""
+    import threading
+
+    prefix = f"wc-test-{uuid.uuid4().hex[:8]}:"
+    one, other = _redis_state(prefix), _redis_state(prefix)
+    key = one._k("lock", "c")
+    one.redis.set(key, one._lock_token, px=10_000)  # as a lost release leaves it
+    started = time.monotonic()
+    with one.chat_lock("c"):
+        assert time.monotonic() - started < 1  # no wait for the 10 s expiry
+        entered = threading.Event()
+        held = other.chat_lock("c")  # kept: a context manager collected would release
+        waiter = threading.Thread(target=lambda: held.__enter__() or entered.set(),
+                                  daemon=True)
+        waiter.start()
+        assert not entered.wait(0.3)  # another process waits while this one holds it
+    assert entered.wait(5)  # and goes on once it is released
+    assert one.redis.get(key) == other._lock_token
+    held.__exit__(None, None, None)
+    assert one.redis.get(key) is None
 
 
 def _protocol_members():
