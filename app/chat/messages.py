@@ -197,15 +197,22 @@ _INSERT_MESSAGE = insert(Message.__table__)
 
 def _store_message(conn: SAConnection, connection: Connection, content: str,
                    client_message_id: str | None) -> dict[str, Any]:
-    """Insert a user's message in a statement that commits itself; returns it as the
-    contract's message object."""
+    """Insert and commit a user's message; returns it as the contract's message object.
+
+    On a database server the INSERT commits itself: one round trip, paid by every message of
+    the chat in turn under its lock. SQLite has no round trip to save, and switching its
+    connection to autocommit and back costs a PRAGMA per message."""
     created_at = utcnow()
-    conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+    autocommit = conn.dialect.name != "sqlite"
+    if autocommit:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
     result = conn.execute(_INSERT_MESSAGE, {
         "chat_id": connection.chat_id, "role": "user", "user_id": connection.user_pk,
         "content": content, "client_message_id": client_message_id, "reply_to": None,
         "finish_reason": None, "created_at": created_at})
     message_id = result.inserted_primary_key[0]
+    if not autocommit:
+        conn.commit()
     return message_object(message_id, connection.chat_id, "user", connection.user_id, content,
                           client_message_id, None, created_at)
 
