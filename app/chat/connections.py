@@ -110,7 +110,7 @@ def authorize_connection(sid: str, auth: Any, query: Mapping[str, Any]) -> tuple
         if key is None:
             raise ApiError("invalid_api_key", "The API key is not valid.")
         tenant_id, api_key_id = key.tenant_id, key.id
-        found = _lookup(tenant_id, chat_id, user_id, None)
+        found = _lookup(tenant_id, chat_id, user_id, None, in_session=True)
         if found is None:  # the key's tenant is gone (deleted since the key was read)
             raise ApiError("chat_not_found", f"Chat {chat_id!r} was not found.")
     # as app.chat.chats.get_chat and require_participant refuse (another tenant's chat is
@@ -182,11 +182,20 @@ def _lookup_statement() -> Select:
             .select_from(joined).where(tenants.c.id == bindparam("tenant_id")))
 
 
-def _lookup(tenant_id: str, chat_id: str, user_id: str, key_id: str | None) -> Row | None:
-    """The row of _lookup_statement, or None when there is no such tenant."""
-    return db.session.connection().execute(_lookup_statement(), {
-        "tenant_id": tenant_id, "chat_id": chat_id, "user_id": user_id,
-        "key_id": key_id}).first()
+def _lookup(tenant_id: str, chat_id: str, user_id: str, key_id: str | None, *,
+            in_session: bool = False) -> Row | None:
+    """The row of _lookup_statement, or None when there is no such tenant.
+
+    Read on a connection of its own, not through the ORM session: a connect that is not the
+    user's first writes nothing and needs no session at all. ``in_session``: the ORM session
+    has read already (the API key), so read in its transaction (with SQLite in memory both
+    would share one connection, and closing ours would roll the session's back)."""
+    params = {"tenant_id": tenant_id, "chat_id": chat_id, "user_id": user_id,
+              "key_id": key_id}
+    if in_session:
+        return db.session.connection().execute(_lookup_statement(), params).first()
+    with db.engine.connect() as connection:
+        return connection.execute(_lookup_statement(), params).first()
 
 
 def _mark_first_connection(user: Participant) -> bool:
