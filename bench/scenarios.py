@@ -203,9 +203,11 @@ def run_connect(target: str, args, workdir: Path, context: dict) -> list[dict]:
         pids = run.target.pids()[0]
         rss_before = rss_kb(pids)
         cpu_before, gen_before = run.cpu()
+        run.start_profile()
         run.go()
         header = run.expect("connected")
         cpu_after, gen_after = run.cpu()
+        run.stop_profile()
         time.sleep(1)
         rss_after = rss_kb(run.target.pids()[0])
         run.go()

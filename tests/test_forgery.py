@@ -38,6 +38,7 @@ from urllib.parse import urlencode
 import pytest
 import requests
 from itsdangerous import URLSafeSerializer
+from itsdangerous.encoding import base64_encode
 
 from app.tokens import CONNECTION_SALT, MESSAGE_SALT
 from tests import agents
@@ -102,10 +103,14 @@ def swap(payload_of: str, signature_of: str) -> str:
 def rewrite(token: str, **changes: Any) -> str:
     """The same signature over claims the attacker rewrote."""
     payload, signature = parts(token)
-    codec = URLSafeSerializer("no key needed to encode")  # JSON, zlib when shorter, base64
+    codec = URLSafeSerializer("no key needed to encode")
     claims = codec.load_payload(payload.encode())
     claims.update(changes)
-    return codec.dump_payload(claims).decode() + "." + signature
+    if payload.startswith("."):  # itsdangerous's own form: JSON, zlib when shorter, base64
+        encoded = codec.dump_payload(claims)
+    else:  # the server's (app/tokens.py): JSON, base64
+        encoded = base64_encode(codec.serializer.dumps(claims, **codec.serializer_kwargs))
+    return encoded.decode() + "." + signature
 
 
 def tampered_variants(token: str, other: str) -> dict[str, str]:

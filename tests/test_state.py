@@ -106,6 +106,16 @@ def test_stream_progress_holds_the_tokens_so_far_of_the_named_reply(state):
     assert state.stream_progress("c1") is None
 
 
+def test_join_reads_are_the_stream_progress_and_whether_a_key_is_spent(state):
+    assert state.join_reads("c1", "slow") == (None, False)
+    state.stream_begin("c1", "41", "40", ttl=60)
+    state.stream_append("c1", "41", "Hel")
+    state.spend("slow", 60)
+    assert state.join_reads("c1", "slow") == (state.stream_progress("c1"), True)
+    assert state.join_reads("c1", "slow")[0].content == "Hel"
+    assert state.join_reads("c2", "other") == (None, False)
+
+
 def test_without_redis_the_resilient_state_keeps_serving_from_this_process():
     from app.state.redis import RedisState
     from app.state.resilient import ResilientState
@@ -121,6 +131,9 @@ def test_without_redis_the_resilient_state_keeps_serving_from_this_process():
     state.stream_begin("c", "9", "8", 60)
     state.stream_append("c", "9", "x")
     assert state.stream_progress("c").content == "x"
+    state.spend("slow", 60)
+    progress, slow = state.join_reads("c", "slow")
+    assert progress.content == "x" and slow is True
     with state.chat_lock("c"):
         pass
 
@@ -140,6 +153,7 @@ def test_a_string_spent_while_redis_was_away_stays_spent_when_it_returns():
     resilient.fallback.spend("spent-offline", 60)  # as during an outage
     assert resilient.spend("spent-offline", 60) is False
     assert resilient.is_spent("spent-offline")
+    assert resilient.join_reads("no-chat", "spent-offline") == (None, True)
     assert resilient.spend("fresh", 60) is True and resilient.spend("fresh", 60) is False
 
 

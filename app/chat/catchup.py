@@ -37,15 +37,19 @@ def missed_messages(connection: Connection) -> tuple[list[dict], bool]:
 
 
 def connection_established(connection: Connection, message_string: dict[str, str],
-                           history_truncated: bool) -> dict[str, Any]:
-    """The payload of ``connection_established``."""
+                           history_truncated: bool,
+                           slow_client: bool | None = None) -> dict[str, Any]:
+    """The payload of ``connection_established``; ``slow_client``: whether the user's last
+    connection to the chat was dropped for not reading (None: read it here)."""
     payload = {"chat_id": connection.chat_id, "user_id": connection.user_id,
                "sid": connection.sid, "message_string": message_string["message_string"],
                "message_string_expires_at": message_string["expires_at"],
                "server_time": to_iso(time.time())}
     if connection.last_message_id is not None:
         payload["history_truncated"] = history_truncated
-    if shared_state().is_spent(_slow_client_key(connection)):
+    if slow_client is None:
+        slow_client = shared_state().is_spent(_slow_client_key(connection))
+    if slow_client:
         payload["disconnect_reason"] = "slow_client"
     return payload
 
@@ -148,10 +152,12 @@ def catch_up(connection: Connection, first: bool):
     only), ``connection_established``, every missed message, the reply streaming now
     (``content_so_far``). The progress is read before the history, see catch_up_filter.
     """
-    progress = stream_progress(connection)
+    # the streaming reply and the slow-client note in one round trip (with Redis)
+    progress, slow_client = shared_state().join_reads(connection.chat_id,
+                                                      _slow_client_key(connection))
     missed, truncated = missed_messages(connection)
     established = connection_established(connection, new_message_string(connection),
-                                         truncated)
+                                         truncated, slow_client)
     events: list[tuple[str, dict]] = []
     if first:
         events.append(("user_created", {"user_id": connection.user_id}))

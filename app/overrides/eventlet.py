@@ -3,6 +3,7 @@ socket a WebSocket took over, and ending a request whose socket is gone."""
 from __future__ import annotations
 
 import errno
+from functools import lru_cache
 from typing import Any
 
 from app.overrides import Needed
@@ -25,6 +26,13 @@ def bound_message_size(ws: Any, limit: int) -> None:
     message_class = getattr(ws, "Message", None)
     if not isinstance(message_class, type):
         return
+    ws.Message = _bounded_message_class(message_class, limit)
+
+
+@lru_cache(maxsize=8)
+def _bounded_message_class(message_class: type, limit: int) -> type:
+    """The message class that fails over ``limit`` bytes: made once per limit, not per
+    connection (making a class costs more than the rest of the call)."""
     from eventlet.websocket import FailedConnectionError
 
     class BoundedMessage(message_class):
@@ -36,7 +44,7 @@ def bound_message_size(ws: Any, limit: int) -> None:
                 raise FailedConnectionError(1009, f"Incoming message is above {limit} bytes.")
             super().push(data, final)
 
-    ws.Message = BoundedMessage
+    return BoundedMessage
 
 
 def handled_response_body() -> list:

@@ -147,6 +147,9 @@ class MemoryState:
                 return None
             return StreamProgress(stream[0], stream[1], "".join(stream[2]), len(stream[2]))
 
+    def join_reads(self, chat_id: str, spent_key: str) -> tuple[StreamProgress | None, bool]:
+        return self.stream_progress(chat_id), self.is_spent(spent_key)
+
     def stream_end(self, chat_id: str, message_id: str) -> None:
         with self._lock:
             stream = self._streams.get(chat_id)

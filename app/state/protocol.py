@@ -69,6 +69,10 @@ class SharedState(Protocol):
     def stream_progress(self, chat_id: str) -> StreamProgress | None:
         """The reply streaming in a chat so far, or None."""
 
+    def join_reads(self, chat_id: str, spent_key: str) -> tuple[StreamProgress | None, bool]:
+        """What a client joining a chat reads: ``stream_progress(chat_id)`` and
+        ``is_spent(spent_key)``, in one round trip."""
+
     def stream_end(self, chat_id: str, message_id: str) -> None:
         """The chat's reply has ended."""
 

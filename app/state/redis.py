@@ -167,11 +167,21 @@ class RedisState:
         self._append(keys=[self._k("stream", chat_id)], args=[message_id, token])
 
     def stream_progress(self, chat_id: str) -> StreamProgress | None:
-        data = self.redis.hgetall(self._k("stream", chat_id))
+        return self._progress(self.redis.hgetall(self._k("stream", chat_id)))
+
+    @staticmethod
+    def _progress(data: dict) -> StreamProgress | None:
         if not data:
             return None
         return StreamProgress(data["message_id"], data["reply_to"], data.get("content", ""),
                               int(data.get("tokens", 0)))
+
+    def join_reads(self, chat_id: str, spent_key: str) -> tuple[StreamProgress | None, bool]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._k("stream", chat_id))
+            pipe.exists(self._k("spent", spent_key))
+            stream, spent = pipe.execute()
+        return self._progress(stream), bool(spent)
 
     def stream_end(self, chat_id: str, message_id: str) -> None:
         self._end(keys=[self._k("stream", chat_id)], args=[message_id])

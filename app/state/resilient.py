@@ -100,6 +100,11 @@ class ResilientState:
     def stream_progress(self, chat_id: str) -> StreamProgress | None:
         return self._call("stream_progress", chat_id)
 
+    def join_reads(self, chat_id: str, spent_key: str) -> tuple[StreamProgress | None, bool]:
+        # as stream_progress and is_spent: spent here (while Redis was away) or in Redis
+        progress, spent = self._call("join_reads", chat_id, spent_key)
+        return progress, spent or self.fallback.is_spent(spent_key)
+
     def stream_end(self, chat_id: str, message_id: str) -> None:
         self._mirror("stream_end", chat_id, message_id)
 
