@@ -43,9 +43,10 @@ if not _loaded_by_flask_cli:
         import eventlet
 
         eventlet.monkey_patch()
-        from app.overrides import eventlet_websocket
+        from app.overrides import eventlet_websocket, redis_eventlet
 
         eventlet_websocket.install()  # unmask incoming frames in one XOR, not byte by byte
+        redis_eventlet.install()  # a pooled Redis connection's check does not yield
     elif _mode == "gevent":
         from gevent import monkey
 

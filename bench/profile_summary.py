@@ -20,8 +20,8 @@ def main() -> None:
     with open(args.profile) as lines:
         for line in lines:
             stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack:
-                continue
+            if not stack or not count.isdigit():
+                continue  # (py-spy writes a frame whose text holds a newline across lines)
             samples = int(count)
             total += samples
             frames = stack.split(";")

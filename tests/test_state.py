@@ -195,6 +195,32 @@ def test_a_chat_lock_left_behind_by_this_process_does_not_hold_up_its_next_messa
     assert one.redis.get(key) is None
 
 
+def test_a_key_spent_here_is_decided_at_once_and_reaches_the_other_processes():
+    """ResilientState.spend_here: this process's memory decides (no round trip); Redis is
+    told in the background, so another process's is_spent sees it."""
+    from app.state.resilient import ResilientState
+    from tests.kit.wait import wait_until
+
+    prefix = f"wc-test-{uuid.uuid4().hex[:8]}:"
+    here, there = ResilientState(_redis_state(prefix)), ResilientState(_redis_state(prefix))
+    keys = [f"string-{n}" for n in range(50)]
+    assert all(here.spend_here(key, 60) for key in keys)
+    assert not any(here.spend_here(key, 60) for key in keys)  # single use
+    wait_until(lambda: all(there.is_spent(key) for key in keys), 10,
+               "the other process to see the strings spent")
+    assert not there.is_spent("string-never")
+
+
+def test_spending_here_goes_on_while_redis_is_away():
+    from app.state.redis import RedisState
+    from app.state.resilient import ResilientState
+
+    away = ResilientState(RedisState("redis://127.0.0.1:1/0"))
+    assert away.spend_here("k", 60) is True
+    assert away.spend_here("k", 60) is False
+    assert away.is_spent("k")
+
+
 def _protocol_members():
     from app.state import SharedState
 

@@ -90,9 +90,10 @@ def _spend_message_string(connection: Connection, token: Any) -> None:
             raise reused
         raise ApiError("invalid_message_string",
                        "This message string was issued to another connection.")
-    # Spent with one round trip (SET NX with Redis), remembered a little longer than it
-    # lives, so that it can never be used twice.
-    if not state.spend(claims["j"], max(1.0, claims["exp"] - time.time()) + 5):
+    # Bound to this connection, which lives in this process: spent here, with no round trip
+    # (app/state: spend_here), remembered a little longer than it lives, so that it can never
+    # be used twice.
+    if not state.spend_here(claims["j"], max(1.0, claims["exp"] - time.time()) + 5):
         raise reused
 
 

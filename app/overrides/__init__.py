@@ -38,7 +38,7 @@ VERSIONS: Mapping[str, str] = {
 OPTIONAL = frozenset({"gevent"})
 #: The modules of this package, each with its REQUIRES.
 MODULES = ("engineio", "socketio", "flask_socketio", "simple_websocket", "eventlet",
-           "eventlet_websocket")
+           "eventlet_websocket", "redis_eventlet")
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,9 @@ class MemoryState:
             heapq.heappush(self._expiry, (now + ttl, key))
             return True
 
+    def spend_here(self, key: str, ttl: float) -> bool:
+        return self.spend(key, ttl)
+
     def is_spent(self, key: str) -> bool:
         with self._lock:
             expires = self._spent.get(key)

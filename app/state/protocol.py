@@ -33,6 +33,11 @@ class SharedState(Protocol):
     def is_spent(self, key: str) -> bool:
         """Whether ``key`` has been spent (and not yet forgotten)."""
 
+    def spend_here(self, key: str, ttl: float) -> bool:
+        """``spend`` for a key that only this process can spend (a message string bound to
+        one of its connections): decided by this process at once; other processes' ``is_spent``
+        may see it a moment later."""
+
     def acquire_connection(self, tenant_id: str, sid: str, limit: int) -> bool:
         """Count a connection for a tenant unless it already has ``limit``."""
 

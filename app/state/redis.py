@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -103,6 +104,9 @@ class RedisState:
         self._unlock = self.redis.register_script(_UNLOCK)
         self._local_locks = LocalLocks()
         self._lock_token = uuid.uuid4().hex  # this process's, for every chat lock it holds
+        self._pending_spent: list[tuple[str, int]] = []
+        self._spent_waiting = threading.Event()
+        self._recorder: threading.Thread | None = None
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -113,6 +117,37 @@ class RedisState:
 
     def is_spent(self, key: str) -> bool:
         return bool(self.redis.exists(self._k("spent", key)))
+
+    def spend_here(self, key: str, ttl: float) -> bool:
+        return self.spend(key, ttl)  # alone, Redis decides (ResilientState decides locally)
+
+    def record_spent(self, key: str, ttl: float) -> None:
+        """Write that ``key`` is spent, in the background: the keys spent meanwhile go in one
+        pipelined round trip, off the message's path (see ResilientState.spend_here)."""
+        self._pending_spent.append((self._k("spent", key), max(1, int(ttl * 1000))))
+        if self._recorder is None:
+            self._recorder = threading.Thread(target=self._record_spent_forever, daemon=True,
+                                              name="record-spent")
+            self._recorder.start()
+        self._spent_waiting.set()
+
+    def _record_spent_forever(self) -> None:
+        while True:
+            self._spent_waiting.wait()
+            self._spent_waiting.clear()
+            batch, self._pending_spent = self._pending_spent, []
+            if not batch:
+                continue
+            try:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for name, ttl_ms in batch:
+                        pipe.set(name, 1, nx=True, px=ttl_ms)
+                    pipe.execute()
+            except redis.RedisError:
+                # only other processes read these, to say "reused" rather than "not yours"
+                # for another connection's string; this process decided already
+                log.warning("Redis unreachable: %d spent message strings not recorded there",
+                            len(batch))
 
     def acquire_connection(self, tenant_id: str, sid: str, limit: int) -> bool:
         return bool(self._acquire(keys=[self._k("conn", tenant_id)],

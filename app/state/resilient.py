@@ -59,6 +59,18 @@ class ResilientState:
         self.fallback.spend(key, ttl)  # remembered here too, in case Redis goes away
         return first
 
+    def spend_here(self, key: str, ttl: float) -> bool:
+        # Only this process can spend it, so this process's memory decides, with no round
+        # trip on the message's path; Redis learns it in the background, for the other
+        # processes' is_spent (another connection's string is "reused" before "not yours").
+        if not self.fallback.spend(key, ttl):
+            return False
+        try:
+            self.primary.record_spent(key, ttl)
+        except redis.RedisError:  # pragma: no cover - record_spent only queues
+            pass
+        return True
+
     def is_spent(self, key: str) -> bool:
         return self.fallback.is_spent(key) or self._call("is_spent", key)
 
