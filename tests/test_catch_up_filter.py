@@ -16,6 +16,7 @@ import pytest
 import socketio
 
 from app.chat.catchup import STREAM_EVENTS, CatchUpFilter
+from app.chat import delivery
 from app.chat.delivery import ChatManager
 from app.state import StreamProgress
 
@@ -73,8 +74,9 @@ def test_a_replayed_reply_does_not_start_again():
 
 
 @pytest.fixture()
-def manager():
-    """A ChatManager on a real socketio.Server that records what would go to each client."""
+def manager(monkeypatch):
+    """A ChatManager on a real socketio.Server that records what would go to each client
+    (a broadcast hands each Engine.IO session its packet: delivery.send_to_session)."""
     chat_manager = ChatManager()
     server = socketio.Server(client_manager=chat_manager, async_mode="threading")
     chat_manager.sent = []
@@ -84,10 +86,13 @@ def manager():
         chat_manager.sent.append((eio_sid, event, data["id"]))
 
     server._send_eio_packet = record
+    monkeypatch.setattr(delivery, "send_to_session",
+                        lambda session, pkt: record(session.sid, pkt))
     return chat_manager
 
 
 def join(manager, eio_sid, keep):
+    manager.server.eio.sockets[eio_sid] = SimpleNamespace(sid=eio_sid)
     sid = manager.connect(eio_sid, NS)
     manager.gate(sid, ROOM)
     manager.enter_room(sid, NS, ROOM)

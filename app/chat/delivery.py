@@ -18,7 +18,8 @@ from urllib.parse import urlparse
 
 from socketio import Manager
 
-from app.overrides.socketio import RedisRelayManager
+from app.overrides.engineio import send_to_session
+from app.overrides.socketio import RedisRelayManager, broadcast
 
 from app.chat import agent_config
 from app.chat.relay import ChatRelay
@@ -253,6 +254,8 @@ class GateMixin:
                     extra.append(sid)
             if extra:
                 skip_sid = skip + extra
+        if callback is None and namespace is not None:
+            return broadcast(self, event, data, namespace, target, skip_sid, send_to_session)
         return super().emit(event, data, namespace, room=target, skip_sid=skip_sid,
                             callback=callback, **kwargs)
 

@@ -13,6 +13,11 @@ from engineio.payload import Payload
 from app.overrides import Needed
 
 REQUIRES = (
+    # send_to_session: Socket.send, copied without its per-packet INFO log line
+    Needed("python-engineio", "engineio.socket:Socket.send", params=("pkt",),
+           source_sha="f8b2738ee5d4"),
+    Needed("python-engineio", "engineio.socket:Socket.check_ping_timeout", params=()),
+    Needed("python-engineio", "engineio.base_socket:BaseSocket.queue", assigned=True),
     Needed("python-engineio", "engineio.base_server:BaseServer._async", assigned=True),
     Needed("python-engineio", "engineio.base_server:BaseServer.sockets", assigned=True),
     Needed("python-engineio", "engineio.base_server:BaseServer.handlers", assigned=True),
@@ -98,6 +103,14 @@ def use_session_table(eio: Any, table: dict) -> None:
     ``__setitem__`` sees each new session."""
     table.update(eio.sockets)
     eio.sockets = table
+
+
+def send_to_session(session: Any, pkt: Any) -> None:
+    """``engineio.socket.Socket.send``: queue ``pkt`` for the session unless its ping has
+    timed out, without the INFO log line it formats for every packet (about an eighth of the
+    worker's CPU in a broadcast to 200, logged or not: bench/RESULTS.md)."""
+    if session.check_ping_timeout():
+        session.queue.put(pkt)
 
 
 def end_session(eio: Any, eio_sid: str) -> None:
