@@ -128,14 +128,23 @@ def refuse_when_overloaded() -> None:
 
 
 @contextmanager
-def accepted_work() -> Iterator[None]:
-    """Refuse with ``server_busy`` while overloaded; otherwise time the work inside (an
-    accepted message, from its checks to its ack) for the monitor's sojourn signal."""
+def accepted_work(queued_seconds: float = 0.0) -> Iterator[None]:
+    """Refuse with ``server_busy`` while overloaded, or when the work would wait more than
+    the sojourn limit behind work queued before it (``queued_seconds``: a chat's lock with
+    a queue of its senders, app/state: chat_lock_wait); otherwise time the work inside (an
+    accepted message, from its checks to its ack) for the monitor's sojourn signal.
+
+    The second refusal is per chat: one chat whose senders queue for its lock (each holding
+    it for a few round trips to PostgreSQL and Redis) got acks seconds late while the
+    process's quickest messages, in other chats, stayed quick (bench/RESULTS.md)."""
     refuse_when_overloaded()
     monitor = _monitor()
     if monitor is None:
         yield
         return
+    if monitor.sojourn_limit is not None and queued_seconds > monitor.sojourn_limit:
+        raise ApiError("server_busy", "The server is overloaded; retry shortly.",
+                       {"retry_after": round(queued_seconds, 3)})
     started = monitor.clock()
     try:
         yield

@@ -23,6 +23,8 @@
 // next_message_string; "bare" clients connect with {chat_id} and send {content, chat_id}
 // (stream: true asks the bare server to stream the words back). Every client records each
 // `message_received`: latency from the time the message was due, loss and duplicates.
+// A refused sender waits the refusal's details.retry_after before its next message, as the
+// contract asks of clients (section 9), and keeps its message string after server_busy.
 //
 // Handshakes on stdin (the runner reads the server's CPU and memory between them): with
 // connect_handshake it prints {"phase": "ready"} and waits for a line before connecting; with
@@ -200,11 +202,16 @@ async function send(client, senderIndex, seq, due, phaseIndex, extra = "") {
   }
   const code = ack?.error?.code || "no_ack";
   phase.refused[code] = (phase.refused[code] || 0) + 1;
-  if (ours) {
+  // a refused message string was not spent (server_busy is answered before any check), but
+  // the other refusals spend it: ask for a new one after those
+  if (ours && code !== "server_busy") {
     const fresh = await emitWithAck(client.socket, "get_message_string", {});
     if (fresh === null) return false;
     client.messageString = fresh?.message_string;
   }
+  // as a client library does (CONTRACT.md section 9): wait retry_after before sending again
+  const retryAfter = Number(ack?.error?.details?.retry_after);
+  if (retryAfter > 0) await Promise.race([sleep(retryAfter * 1000), stopped]);
   return true;
 }
 

@@ -221,6 +221,36 @@ def test_spending_here_goes_on_while_redis_is_away():
     assert away.is_spent("k")
 
 
+def test_the_expected_wait_for_a_lock_is_its_queue_times_the_recent_hold_time():
+    import threading
+
+    from app.state.memory import LocalLocks
+    from tests.kit.wait import wait_until
+
+    locks = LocalLocks()
+    assert locks.expected_wait("c") == 0.0
+    with locks.hold("c"):
+        pass
+    assert locks.hold_seconds > 0  # measured
+    release = threading.Event()
+
+    def holder():
+        with locks.hold("c"):
+            release.wait(10)
+
+    threads = [threading.Thread(target=holder, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: locks._locks["c"].queued == 3, 5, "one holder and two waiters")
+    locks.hold_seconds = 0.2
+    assert locks.expected_wait("c") == pytest.approx(0.6)
+    assert locks.expected_wait("other") == 0.0
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert locks.expected_wait("c") == 0.0
+
+
 def _protocol_members():
     from app.state import SharedState
 

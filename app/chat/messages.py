@@ -120,7 +120,7 @@ def post_message(connection: Connection, payload: Any) -> dict[str, Any]:
     nothing is checked, spent or stored, so the same message may be sent again as it is. The
     time an accepted message takes is what tells the process it is falling behind.
     """
-    with accepted_work():
+    with accepted_work(shared_state().chat_lock_wait(connection.chat_id)):
         return _post_message(connection, payload)
 
 

@@ -12,18 +12,24 @@ from app.state.protocol import StreamProgress
 
 
 class _Lock:
-    __slots__ = ("lock", "__weakref__")
+    __slots__ = ("lock", "queued", "__weakref__")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.queued = 0  # tasks holding it or waiting for it
 
 
 class LocalLocks:
-    """One lock per name, forgotten when nobody holds or waits for it."""
+    """One lock per name, forgotten when nobody holds or waits for it; and how long the
+    tasks queued for a name can expect to wait (queue length x the recent hold time)."""
+
+    #: weight of the newest hold time in the moving average
+    SMOOTHING = 0.1
 
     def __init__(self) -> None:
         self._locks: "weakref.WeakValueDictionary[str, _Lock]" = weakref.WeakValueDictionary()
         self._guard = threading.Lock()
+        self.hold_seconds = 0.0  # moving average of how long a holder keeps a lock
 
     @contextmanager
     def hold(self, name: str) -> Iterator[None]:
@@ -31,8 +37,22 @@ class LocalLocks:
             lock = self._locks.get(name)
             if lock is None:
                 lock = self._locks[name] = _Lock()
-        with lock.lock:
-            yield
+            lock.queued += 1
+        try:
+            with lock.lock:
+                started = time.monotonic()
+                try:
+                    yield
+                finally:
+                    held = time.monotonic() - started
+                    self.hold_seconds += self.SMOOTHING * (held - self.hold_seconds)
+        finally:
+            lock.queued -= 1
+
+    def expected_wait(self, name: str) -> float:
+        """About how long a task that queues for ``name`` now would wait for it."""
+        lock = self._locks.get(name)
+        return lock.queued * self.hold_seconds if lock is not None else 0.0
 
 
 class MemoryState:
@@ -161,3 +181,6 @@ class MemoryState:
 
     def chat_lock(self, chat_id: str) -> ContextManager[None]:
         return self._chat_locks.hold(chat_id)
+
+    def chat_lock_wait(self, chat_id: str) -> float:
+        return self._chat_locks.expected_wait(chat_id)

@@ -81,6 +81,10 @@ class SharedState(Protocol):
     def stream_end(self, chat_id: str, message_id: str) -> None:
         """The chat's reply has ended."""
 
+    def chat_lock_wait(self, chat_id: str) -> float:
+        """About how long (seconds) a message of this process would now wait for the chat's
+        lock behind this process's others: the overload check refuses past a limit."""
+
     def chat_lock(self, chat_id: str) -> ContextManager[None]:
         """Held while a chat's message is stored and broadcast, so that every client gets a
         chat's messages in the order of their ids."""

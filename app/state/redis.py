@@ -221,6 +221,9 @@ class RedisState:
     def stream_end(self, chat_id: str, message_id: str) -> None:
         self._end(keys=[self._k("stream", chat_id)], args=[message_id])
 
+    def chat_lock_wait(self, chat_id: str) -> float:
+        return self._local_locks.expected_wait(chat_id)
+
     @contextmanager
     def chat_lock(self, chat_id: str) -> Iterator[None]:
         # The local lock queues this process's senders; the Redis lock orders processes.

@@ -122,3 +122,6 @@ class ResilientState:
 
     def chat_lock(self, chat_id: str) -> ContextManager[None]:
         return self.primary.chat_lock(chat_id)
+
+    def chat_lock_wait(self, chat_id: str) -> float:
+        return self.primary.chat_lock_wait(chat_id)
