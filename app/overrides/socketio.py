@@ -12,6 +12,8 @@ from app.overrides import Needed
 
 REQUIRES = (
     # broadcast: Manager.emit's branch without an ack callback, copied
+    Needed("python-socketio", "socketio.server:Server._send_eio_packet",
+           params=("eio_sid", "eio_pkt")),
     Needed("python-socketio", "socketio.manager:Manager.emit",
            params=("event", "data", "namespace", "room", "skip_sid", "callback", "to",
                    "kwargs"), source_sha="566510ea2de3"),
@@ -197,7 +199,8 @@ def broadcast(manager: Any, event: str, data: Any, namespace: str, room: Any,
     for sid, eio_sid in manager.get_participants(namespace, room):
         if sid not in skip_sid:
             session = sessions.get(eio_sid)
-            if session is None:  # gone meanwhile (engineio would log "Cannot send to sid")
-                continue
             for p in eio_pkt:
-                send(session, p)
+                if session is not None:
+                    send(session, p)
+                else:  # gone meanwhile, or a test client's (Flask-SocketIO's catches this)
+                    manager.server._send_eio_packet(eio_sid, p)
