@@ -119,8 +119,8 @@ class Defaults:
     # last such lag; an accepted message is then acknowledged within 2 s (CONTRACT.md, 9).
     OVERLOAD_LAG_SECONDS = 1.0
     OVERLOAD_HOLD_SECONDS = 1.0
-    # ... and while even the quickest message of 0.1 s took longer than this from its checks
-    # to its ack (a standing queue of work that waits on the database or Redis)
+    # ... and once two accepted messages in a row took longer than this from their checks to
+    # their acks (a standing queue of work that waits on the database or Redis)
     OVERLOAD_SOJOURN_SECONDS = 0.5
     # /ws/chat (app/ws/socket.py): a message over 1 MB is refused with close code 1009.
     SOCK_SERVER_OPTIONS = {"max_message_size": 1024 * 1024, "receive_bytes": 4096}
