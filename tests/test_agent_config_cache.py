@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from app.chat.agent_config import MAX_AGE_SECONDS, AgentConfigs, configs, workspace_agent
+from tests.kit.clock import FakeClock
 from tests.kit.rest import Tenant, new_tenant
 from tests.kit.servers import two_servers
 from tests.kit.sio import ChatClient
@@ -172,16 +173,8 @@ def test_a_patch_on_one_process_changes_the_next_reply_of_a_client_on_the_other(
 
 # --- the cache itself ------------------------------------------------------------------------
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_kept_configuration_expires_after_max_age_even_if_no_forget_comes():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     configs = AgentConfigs(max_age=5, clock=clock)
     configs.put(configs.generation, "t1", "w1", ECHO)
     clock.now += 4.9
@@ -191,7 +184,7 @@ def test_a_kept_configuration_expires_after_max_age_even_if_no_forget_comes():
 
 
 def test_a_forget_drops_the_entry_and_a_read_begun_before_it_is_not_kept():
-    configs = AgentConfigs(clock=Clock())
+    configs = AgentConfigs(clock=FakeClock(1000.0))
     configs.put(configs.generation, "t1", "w1", ECHO)
     read_began = configs.generation  # a read of w2 under way while w1 changes
     configs.forget("w1")
@@ -203,7 +196,7 @@ def test_a_forget_drops_the_entry_and_a_read_begun_before_it_is_not_kept():
 
 
 def test_an_entry_is_served_to_its_workspace_tenant_only_and_as_a_copy():
-    configs = AgentConfigs(clock=Clock())
+    configs = AgentConfigs(clock=FakeClock(1000.0))
     configs.put(configs.generation, "t1", "w1", ECHO)
     assert configs.get("t2", "w1") is None
     served = configs.get("t1", "w1")
@@ -212,7 +205,7 @@ def test_an_entry_is_served_to_its_workspace_tenant_only_and_as_a_copy():
 
 
 def test_clear_drops_every_entry_and_expired_entries_do_not_pile_up():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     configs = AgentConfigs(max_age=5, clock=clock)
     for n in range(1024):
         configs.put(configs.generation, "t1", f"w{n}", ECHO)

@@ -21,15 +21,8 @@ from tests.kit.pg import ChatRowLock
 from tests.kit.rest import new_tenant
 from tests.kit.servers import start_server, stop_server
 from tests.kit.sio import connect
+from tests.kit.clock import FakeClock
 from tests.kit.wait import wait_until
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_lag_past_the_limit_refuses_new_work_for_the_hold_time_then_accepts_again():

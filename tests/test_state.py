@@ -8,21 +8,27 @@ from app.state.memory import MemoryState
 from tests.conftest import REDIS_TEST_URL, service_missing
 
 
-@pytest.fixture(params=["memory", "redis"])
-def state(request):
-    if request.param == "memory":
-        yield MemoryState()
-        return
+def _redis_state(prefix: str):
+    """A RedisState on the test Redis under ``prefix`` (the test fails or skips without it)."""
     import redis
 
     from app.state.redis import RedisState
 
-    prefix = f"wc-test-{uuid.uuid4().hex[:8]}:"
     state = RedisState(REDIS_TEST_URL, prefix=prefix)
     try:
         state.redis.ping()
     except redis.RedisError as exc:
         service_missing("Redis", exc)
+    return state
+
+
+@pytest.fixture(params=["memory", "redis"])
+def state(request):
+    if request.param == "memory":
+        yield MemoryState()
+        return
+    prefix = f"wc-test-{uuid.uuid4().hex[:8]}:"
+    state = _redis_state(prefix)
     yield state
     keys = list(state.redis.scan_iter(prefix + "*"))
     if keys:
@@ -139,35 +145,15 @@ def test_without_redis_the_resilient_state_keeps_serving_from_this_process():
 
 
 def test_a_string_spent_while_redis_was_away_stays_spent_when_it_returns():
-    import redis
-
-    from app.state.redis import RedisState
     from app.state.resilient import ResilientState
 
-    primary = RedisState(REDIS_TEST_URL, prefix=f"wc-test-{uuid.uuid4().hex[:8]}:")
-    try:
-        primary.redis.ping()
-    except redis.RedisError as exc:
-        service_missing("Redis", exc)
+    primary = _redis_state(f"wc-test-{uuid.uuid4().hex[:8]}:")
     resilient = ResilientState(primary)
     resilient.fallback.spend("spent-offline", 60)  # as during an outage
     assert resilient.spend("spent-offline", 60) is False
     assert resilient.is_spent("spent-offline")
     assert resilient.join_reads("no-chat", "spent-offline") == (None, True)
     assert resilient.spend("fresh", 60) is True and resilient.spend("fresh", 60) is False
-
-
-def _redis_state(prefix: str):
-    import redis
-
-    from app.state.redis import RedisState
-
-    state = RedisState(REDIS_TEST_URL, prefix=prefix)
-    try:
-        state.redis.ping()
-    except redis.RedisError as exc:
-        service_missing("Redis", exc)
-    return state
 
 
 def test_a_chat_lock_left_behind_by_this_process_does_not_hold_up_its_next_message():
