@@ -123,8 +123,12 @@ def refuse_when_overloaded() -> None:
     monitor = _monitor()
     retry_after = monitor.retry_after() if monitor is not None else None
     if retry_after is not None:
-        raise ApiError("server_busy", "The server is overloaded; retry shortly.",
-                       {"retry_after": retry_after})
+        raise _server_busy(retry_after)
+
+
+def _server_busy(retry_after: float) -> ApiError:
+    return ApiError("server_busy", "The server is overloaded; retry shortly.",
+                    {"retry_after": retry_after})
 
 
 @contextmanager
@@ -143,8 +147,7 @@ def accepted_work(queued_seconds: float = 0.0) -> Iterator[None]:
         yield
         return
     if monitor.sojourn_limit is not None and queued_seconds > monitor.sojourn_limit:
-        raise ApiError("server_busy", "The server is overloaded; retry shortly.",
-                       {"retry_after": round(queued_seconds, 3)})
+        raise _server_busy(round(queued_seconds, 3))
     started = monitor.clock()
     try:
         yield

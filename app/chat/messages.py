@@ -81,20 +81,23 @@ def _spend_message_string(connection: Connection, token: Any) -> None:
                        "with get_message_string.")
     claims = claims_or_refuse("message_string", token)
     state = shared_state()
-    reused = ApiError("message_string_reused", "This message string has already been used.")
     if (claims["t"], claims["u"], claims["c"], claims["s"]) != (
             connection.tenant_id, connection.user_id, connection.chat_id, connection.sid):
         # another connection's: not spent here (that would burn it for its owner), and
         # "used" comes before "not yours" in the contract's order
         if state.is_spent(claims["j"]):
-            raise reused
+            raise _reused()
         raise ApiError("invalid_message_string",
                        "This message string was issued to another connection.")
     # Bound to this connection, which lives in this process: spent here, with no round trip
     # (app/state: spend_here), remembered a little longer than it lives, so that it can never
     # be used twice.
     if not state.spend_here(claims["j"], max(1.0, claims["exp"] - time.time()) + 5):
-        raise reused
+        raise _reused()
+
+
+def _reused() -> ApiError:
+    return ApiError("message_string_reused", "This message string has already been used.")
 
 
 def _existing_message(chat_id: str, client_message_id: str) -> Message | None:

@@ -143,11 +143,11 @@ class RedisState:
                     for name, ttl_ms in batch:
                         pipe.set(name, 1, nx=True, px=ttl_ms)
                     pipe.execute()
-            except redis.RedisError:
+            except Exception:  # never let the recorder die (what is pending would pile up)
                 # only other processes read these, to say "reused" rather than "not yours"
                 # for another connection's string; this process decided already
-                log.warning("Redis unreachable: %d spent message strings not recorded there",
-                            len(batch))
+                log.warning("%d spent message strings not recorded in Redis", len(batch),
+                            exc_info=True)
 
     def acquire_connection(self, tenant_id: str, sid: str, limit: int) -> bool:
         return bool(self._acquire(keys=[self._k("conn", tenant_id)],
@@ -236,12 +236,12 @@ class RedisState:
         with self._local_locks.hold(chat_id):
             try:
                 acquired = self._acquire_chat_lock(key)
+                if not acquired:
+                    log.warning("chat %s: another process held its lock for %s s; going on "
+                                "without it", chat_id, LOCK_TIMEOUT)
             except redis.RedisError:
                 log.warning("Redis unreachable: chat %s ordered on this process only", chat_id)
                 acquired = False
-            if not acquired:
-                log.warning("chat %s: another process held its lock for %s s; going on "
-                            "without it", chat_id, LOCK_TIMEOUT)
             try:
                 yield
             finally:

@@ -65,10 +65,7 @@ class ResilientState:
         # processes' is_spent (another connection's string is "reused" before "not yours").
         if not self.fallback.spend(key, ttl):
             return False
-        try:
-            self.primary.record_spent(key, ttl)
-        except redis.RedisError:  # pragma: no cover - record_spent only queues
-            pass
+        self.primary.record_spent(key, ttl)  # only queues it
         return True
 
     def is_spent(self, key: str) -> bool:
